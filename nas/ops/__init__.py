@@ -1,0 +1,8 @@
+"""Scan orders and the selective scan."""
+from nas.ops.directions import (DIRECTIONS, apply_scan, inverse_scan_order, scan_length, scan_order,
+                                scan_orders, undo_scan)
+from nas.ops.multi_scan import multi_direction_scan
+from nas.ops.selective_scan import BACKENDS, selective_scan, selective_scan_ref
+
+__all__ = ["DIRECTIONS", "BACKENDS", "apply_scan", "undo_scan", "scan_order", "scan_orders", "scan_length",
+           "inverse_scan_order", "selective_scan", "selective_scan_ref", "multi_direction_scan"]

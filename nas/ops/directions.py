@@ -1,0 +1,148 @@
+"""The 8 candidate token-scan orders of the search space.
+
+On an H x W token grid, token (i, j) has raster index ``i*W + j``. A *scan order* lists, for each
+position of the scanned sequence, the raster index of the token found there, or -1 for a pad token.
+
+- ``h``: raster order.  ``v``: column-major order.
+- ``wK`` (K = 2, 7): the grid is padded at the bottom and right to multiples of K; the K x K windows
+  are visited in row-major order and the tokens inside each window in row-major order. Pad tokens are
+  part of the sequence (length Hp*Wp) and are dropped when the scan is undone.
+- ``*_flip``: the base sequence reversed, after padding (not a spatial mirror).
+
+The position of a name in ``DIRECTIONS`` is its alpha index; every list of directions the tool writes
+is sorted in this order.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
+WINDOW_SIZES = {"w2": 2, "w7": 7}
+
+
+def _check_direction(direction) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: unknown scan direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+
+
+def _check_grid(H, W) -> None:
+    for name, value in (("H", H), ("W", W)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: grid size must be a positive int, got {value!r}")
+
+
+def _base(direction: str) -> str:
+    return direction[: -len("_flip")] if direction.endswith("_flip") else direction
+
+
+def scan_length(direction: str, H: int, W: int) -> int:
+    """Length of the scanned sequence: H*W, or Hp*Wp (padded to the window) for window scans."""
+    _check_direction(direction)
+    _check_grid(H, W)
+    k = WINDOW_SIZES.get(_base(direction))
+    if k is None:
+        return H * W
+    return (-(-H // k) * k) * (-(-W // k) * k)
+
+
+def _build_order(direction: str, H: int, W: int) -> torch.Tensor:
+    base = _base(direction)
+    raster = torch.arange(H * W).view(H, W)
+    if base == "h":
+        order = raster.reshape(-1)
+    elif base == "v":
+        order = raster.t().reshape(-1)
+    else:
+        k = WINDOW_SIZES[base]
+        Hp, Wp = -(-H // k) * k, -(-W // k) * k
+        padded = torch.full((Hp, Wp), -1, dtype=torch.long)
+        padded[:H, :W] = raster
+        # (Hp/k, k, Wp/k, k) -> (Hp/k, Wp/k, k, k): windows row-major, tokens row-major inside.
+        order = padded.view(Hp // k, k, Wp // k, k).permute(0, 2, 1, 3).reshape(-1)
+    if direction.endswith("_flip"):
+        order = order.flip(0)
+    return order.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_order(direction: str, H: int, W: int, device: torch.device) -> torch.Tensor:
+    return _build_order(direction, H, W).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_inverse(direction: str, H: int, W: int, device: torch.device) -> torch.Tensor:
+    order = _build_order(direction, H, W)
+    valid = order >= 0
+    inverse = torch.empty(H * W, dtype=torch.long)
+    inverse[order[valid]] = torch.nonzero(valid).squeeze(1)
+    return inverse.to(device)
+
+
+def scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
+    """Raster index of the token at each scan position (-1 for pad tokens). Shape (scan_length,).
+
+    Cached per (direction, H, W, device): treat the result as read-only.
+    """
+    _check_direction(direction)
+    _check_grid(H, W)
+    return _cached_order(direction, H, W, torch.device(device or "cpu"))
+
+
+def inverse_scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
+    """Scan position of each raster token. Shape (H*W,). ``order[inverse[r]] == r`` for every r."""
+    _check_direction(direction)
+    _check_grid(H, W)
+    return _cached_inverse(direction, H, W, torch.device(device or "cpu"))
+
+
+def scan_orders(directions, H: int, W: int, device=None) -> torch.LongTensor:
+    """Stacked scan orders of several directions: (K, S) with S the longest scan; shorter rows end in -1."""
+    directions = list(directions)
+    if not directions:
+        raise ValueError("directions: expected at least one direction, got an empty list")
+    orders = [scan_order(d, H, W, device) for d in directions]
+    S = max(o.numel() for o in orders)
+    table = torch.full((len(orders), S), -1, dtype=torch.long, device=orders[0].device)
+    for k, o in enumerate(orders):
+        table[k, : o.numel()] = o
+    return table
+
+
+def _layout_dim(x: torch.Tensor, layout: str, name: str) -> int:
+    if layout not in ("BLC", "BCL"):
+        raise ValueError(f"layout: expected 'BLC' or 'BCL', got {layout!r}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected a token tensor of at least 2 dims, got shape {tuple(x.shape)}")
+    return x.dim() - 2 if layout == "BLC" else x.dim() - 1
+
+
+def apply_scan(x: torch.Tensor, direction: str, H: int, W: int, layout: str = "BLC") -> torch.Tensor:
+    """Reorder raster tokens into a scan sequence, inserting zero tokens where the scan pads.
+
+    x: (..., L, C) for layout "BLC" or (..., C, L) for "BCL", L = H*W.
+    Returns the same layout with L replaced by ``scan_length(direction, H, W)``.
+    """
+    dim = _layout_dim(x, layout, "x")
+    if x.shape[dim] != H * W:
+        raise ValueError(f"x: token axis has {x.shape[dim]} tokens, expected H*W = {H}*{W} = {H * W} (shape {tuple(x.shape)}, layout {layout})")
+    order = scan_order(direction, H, W, x.device)
+    if bool((order < 0).any()):
+        zero = torch.zeros_like(x.narrow(dim, 0, 1))
+        x = torch.cat([x, zero], dim=dim)
+        order = torch.where(order < 0, H * W, order)
+    return x.index_select(dim, order)
+
+
+def undo_scan(y: torch.Tensor, direction: str, H: int, W: int, layout: str = "BLC") -> torch.Tensor:
+    """Inverse of ``apply_scan``: raster tokens back from a scan sequence, pad tokens dropped.
+
+    y: (..., S, C) for "BLC" or (..., C, S) for "BCL", S = scan_length(direction, H, W).
+    Returns the same layout with S replaced by H*W.
+    """
+    dim = _layout_dim(y, layout, "y")
+    S = scan_length(direction, H, W)
+    if y.shape[dim] != S:
+        raise ValueError(f"y: scan axis has {y.shape[dim]} tokens, expected scan_length({direction!r}, {H}, {W}) = {S} (shape {tuple(y.shape)}, layout {layout})")
+    return y.index_select(dim, inverse_scan_order(direction, H, W, y.device))
