@@ -1,0 +1,398 @@
+"""Benchmark the selective scan: forward and forward+backward time and peak memory per backend.
+
+CPU (default): the "torch" backend against the usual CPU fallback (precompute exp(delta*A) and delta*B*u
+for every step, then a Python loop over L under autograd), fp32 with z, D, delta_bias and softplus, at
+(batch 8, D 256, N 16, L 196) and (batch 2, D 384, N 16, L 1024). Each variant runs in its own
+subprocess so that its peak resident memory can be read (ru_maxrss minus the RSS before the first call).
+
+CUDA (--device cuda): one layer's K directions on a 14 x 14 grid, inputs in raster order,
+  (a) our fused multi-direction Triton launch, tokens read through the scan-order tables;
+  (b) our single Triton scan called K times on permuted copies (gather, scan, undo);
+  (c) mamba_ssm's CUDA selective_scan_fn called K times on permuted copies (the LocalMamba way), when
+      importable (see --mamba-src);
+  (d) the torch backend (gather, one grouped scan, scatter);
+at the search shape (batch 128, d_inner 256, 8 directions) and the derived shape (d_inner 384, 4
+directions), bf16 and fp32; plus the floor: max(bytes that must move / measured copy bandwidth,
+exponentials / measured exp2 throughput).
+
+Prints a table and writes a JSON record (device, versions, results) to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nas.ops import apply_scan, multi_direction_scan, scan_orders, selective_scan, undo_scan  # noqa: E402
+
+CPU_SHAPES = [(8, 256, 16, 196), (2, 384, 16, 1024)]
+CPU_VARIANTS = ("fallback_loop", "torch")
+SEARCH_DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
+DERIVED_DIRECTIONS = ("h", "v_flip", "w7", "w7_flip")  # LocalVim-T's first searched layer
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def fallback_scan(u, delta, A, B, C, D, z, delta_bias):
+    """The usual CPU fallback: exp(delta*A) and delta*B*u for all steps up front, loop over L."""
+    delta = torch.nn.functional.softplus(delta + delta_bias[:, None])
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    inp = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    return (torch.stack(ys, dim=2) + D[:, None] * u) * torch.nn.functional.silu(z)
+
+
+def cpu_inputs(batch, dim, N, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(u=r(batch, dim, L), delta=0.5 * r(batch, dim, L), A=-torch.exp(0.5 * r(dim, N)),
+                B=r(batch, N, L), C=r(batch, N, L), D=r(dim), z=r(batch, dim, L), delta_bias=0.3 * r(dim))
+
+
+def cpu_call(variant, x):
+    if variant == "fallback_loop":
+        return fallback_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    return selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                          delta_softplus=True, backend=variant)
+
+
+def current_rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def cpu_child(variant, shape, mode, reps):
+    """Runs in a fresh process: peak memory of the first call, then median time of `reps` calls."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    x = cpu_inputs(*shape)
+    if mode == "fwdbwd":
+        for t in x.values():
+            t.requires_grad_()
+    dy = torch.randn(shape[0], shape[1], shape[3])
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                cpu_call(variant, x)
+        else:
+            cpu_call(variant, x).backward(dy)
+            for t in x.values():
+                t.grad = None
+
+    base = current_rss_kb()
+    step()
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * statistics.median(times), "peak_mb": peak_mb}
+
+
+def run_cpu(args):
+    rows = []
+    for shape in CPU_SHAPES:
+        for mode in ("fwd", "fwdbwd"):
+            for variant in CPU_VARIANTS:
+                reps = args.reps if variant != "fallback_loop" else max(1, args.reps // 3)
+                out = subprocess.run([sys.executable, __file__, "--child", variant, "--shape", ",".join(map(str, shape)),
+                                      "--mode", mode, "--reps", str(reps)], capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append({"shape": dict(zip(("batch", "dim", "N", "L"), (shape[0], shape[1], shape[2], shape[3]))),
+                             "mode": mode, "variant": variant, **res})
+                print(f"{str(shape):22s} {mode:7s} {variant:14s} {res['ms']:10.1f} ms {res['peak_mb']:9.1f} MB", flush=True)
+    summary = []
+    for shape in CPU_SHAPES:
+        for mode in ("fwd", "fwdbwd"):
+            pick = {r["variant"]: r for r in rows if r["mode"] == mode and tuple(r["shape"].values()) == shape}
+            speedup = pick["fallback_loop"]["ms"] / pick["torch"]["ms"]
+            mem = pick["torch"]["peak_mb"] / max(pick["fallback_loop"]["peak_mb"], 1e-9)
+            summary.append({"shape": list(shape), "mode": mode, "torch_speedup_vs_fallback": speedup,
+                            "torch_peak_mem_ratio_vs_fallback": mem})
+    print("\nshape                  mode     torch speedup  torch/fallback peak memory")
+    for s in summary:
+        print(f"{str(tuple(s['shape'])):22s} {s['mode']:7s} {s['torch_speedup_vs_fallback']:12.1f}x {s['torch_peak_mem_ratio_vs_fallback']:10.2f}")
+    return {"rows": rows, "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+def cuda_time_ms(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_ceilings():
+    """Device-to-device copy bandwidth (bytes read + written) and exp2 throughput of the GPU."""
+    import triton
+    import triton.language as tl
+
+    src = torch.randn(512 * 2**20 // 4 * 4, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda: dst.copy_(src), reps=20)
+    bandwidth = 2 * src.numel() * 4 / (copy_ms * 1e-3)
+
+    @triton.jit
+    def exp_kernel(x_ptr, out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(ITERS):
+            x = tl.exp2(x * -0.5)  # one MUFU.EX2 per element per iteration, plus one multiply
+            acc += x
+        tl.store(out_ptr + offs, acc)
+
+    n, iters, block = 132 * 2048 * 16, 512, 1024
+    x = torch.rand(n, device="cuda")
+    out = torch.empty_like(x)
+    exp_ms = cuda_time_ms(lambda: exp_kernel[(n // block,)](x, out, ITERS=iters, BLOCK=block, num_warps=4), reps=10)
+    return {"copy_bytes_per_s": bandwidth, "exp2_per_s": n * iters / (exp_ms * 1e-3)}
+
+
+MAMBA_NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+                    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+                    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+                    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "--threads", "4"]
+
+
+def build_mamba_extension(src):
+    """Build (or reuse) only mamba_ssm's selective-scan extension from an unpacked source distribution,
+    for this GPU's architecture, and register it as the `selective_scan_cuda` module its Python imports."""
+    from torch.utils import cpp_extension
+
+    csrc = Path(src) / "csrc" / "selective_scan"
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    build_dir = Path(os.environ.get("MAMBA_BUILD_DIR", Path(src) / "build_selective_scan"))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(csrc / "selective_scan.cpp")] + sorted(str(f) for f in csrc.glob("selective_scan_*.cu"))
+    module = cpp_extension.load("selective_scan_cuda", sources, build_directory=str(build_dir),
+                                extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=MAMBA_NVCC_FLAGS,
+                                extra_include_paths=[str(csrc)], verbose=False)
+    sys.modules["selective_scan_cuda"] = module
+
+
+def load_mamba(src):
+    """mamba_ssm's selective_scan_fn from an unpacked source tree (its extension built on demand), or None."""
+    if src:
+        import types
+        build_mamba_extension(src)
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = [str(Path(src) / "mamba_ssm")]  # skip mamba_ssm/__init__, which imports every model
+        sys.modules.setdefault("mamba_ssm", pkg)
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return selective_scan_fn
+    except Exception as exc:  # noqa: BLE001 - report why the baseline is missing, keep benchmarking
+        print(f"mamba_ssm selective_scan_fn not available: {exc!r}")
+        return None
+
+
+def layer_inputs(batch, K, dim, N, L, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device="cuda", dtype=dt)  # noqa: E731
+    return dict(u=r(batch, K, dim, L), delta=0.5 * r(batch, K, dim, L), A=-torch.exp(0.5 * r(K, dim, N, dt=torch.float32)),
+                B=r(batch, K, N, L), C=r(batch, K, N, L), D=r(K, dim, dt=torch.float32), z=r(batch, K, dim, L),
+                delta_bias=0.3 * r(K, dim, dt=torch.float32))
+
+
+def permuted_loop(scan_fn, x, directions, H, W):
+    ys = []
+    for k, d in enumerate(directions):
+        perm = lambda t: apply_scan(t[:, k], d, H, W, "BCL")  # noqa: E731
+        y = scan_fn(perm(x["u"]), perm(x["delta"]), x["A"][k], perm(x["B"]), perm(x["C"]), x["D"][k], perm(x["z"]),
+                    x["delta_bias"][k], True)
+        ys.append(undo_scan(y, d, H, W, "BCL"))
+    return torch.stack(ys, dim=1)
+
+
+def cuda_variants(mamba_fn, config=None):
+    from nas.ops.scan_triton import multi_direction_scan_triton
+
+    def ours_single(u, delta, A, B, C, D, z, bias, sp):
+        return selective_scan(u, delta, A, B, C, D, z, bias, sp, backend="triton")
+
+    variants = {
+        "a_fused_triton": lambda x, idx, dirs, H, W: multi_direction_scan_triton(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, idx, config),
+        "b_triton_x_permuted": lambda x, idx, dirs, H, W: permuted_loop(ours_single, x, dirs, H, W),
+        "d_torch_backend": lambda x, idx, dirs, H, W: multi_direction_scan(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, index=idx, backend="torch"),
+    }
+    if mamba_fn is not None:
+        variants["c_mamba_x_permuted"] = lambda x, idx, dirs, H, W: permuted_loop(mamba_fn, x, dirs, H, W)
+    return variants
+
+
+def floor_ms(batch, K, dim, N, L, elt, mode, ceilings):
+    X, Y = batch * K * dim * L * elt, batch * K * N * L * elt
+    fwd_bytes, bwd_bytes = 4 * X + 2 * Y, 7 * X + 4 * Y  # fwd: u, delta, z, B, C in, y out; bwd adds dy, 5 grads
+    exps = batch * K * dim * L * N
+    nbytes = fwd_bytes + (bwd_bytes if mode == "fwdbwd" else 0)
+    nexp = exps * (2 if mode == "fwdbwd" else 1)  # the backward recomputes the decays once
+    t_bytes, t_exp = 1e3 * nbytes / ceilings["copy_bytes_per_s"], 1e3 * nexp / ceilings["exp2_per_s"]
+    return {"bytes": nbytes, "exps": nexp, "bytes_ms": t_bytes, "exp_ms": t_exp, "floor_ms": max(t_bytes, t_exp)}
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def check_correctness(dtypes, batch=2):
+    """Fused kernel vs the float64 sequential reference at the benchmark's layer shapes: ||a-r|| / ||r||."""
+    from nas.ops.multi_scan import multi_direction_scan_torch
+
+    out = []
+    for case, dirs, dim in (("search", SEARCH_DIRECTIONS, 256), ("derived", DERIVED_DIRECTIONS, 384)):
+        idx = scan_orders(dirs, 14, 14, "cuda")
+        for dname in dtypes:
+            x = {k: v.requires_grad_() for k, v in layer_inputs(batch, len(dirs), dim, 16, 196, DTYPES[dname], seed=1).items()}
+            x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+            order = list(x)
+            dy = torch.randn(batch, len(dirs), dim, 196, device="cuda", dtype=DTYPES[dname])
+            y = multi_direction_scan(*(x[k] for k in order), True, index=idx, backend="triton")
+            y_ref = multi_direction_scan_torch(*(x64[k] for k in order), True, index=idx, backend="ref")
+            grads = torch.autograd.grad(y, [x[k] for k in order], dy)
+            grads_ref = torch.autograd.grad(y_ref, [x64[k] for k in order], dy.double())
+            errs = {"y": rel_err(y, y_ref), **{f"d{k}": rel_err(g, gr) for k, g, gr in zip(order, grads, grads_ref)}}
+            out.append({"case": case, "dtype": dname, "rel_err": errs})
+            print(f"correctness {case:8s} {dname:5s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    return out
+
+
+def run_cuda(args):
+    correctness = check_correctness(args.dtypes)
+    ceilings = measure_ceilings()
+    print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceilings['exp2_per_s'] / 1e12:.2f} T/s")
+    mamba_fn = load_mamba(args.mamba_src)
+    H = W = 14
+    L = H * W
+    cases = [("search", args.batch, SEARCH_DIRECTIONS, 256), ("derived", args.batch, DERIVED_DIRECTIONS, 384)]
+    configs = [None] + [tuple(int(v) for v in c.split("x")) for c in args.configs]
+    rows = []
+    for case, batch, dirs, dim in cases:
+        idx = scan_orders(dirs, H, W, "cuda")
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            x = layer_inputs(batch, len(dirs), dim, 16, L, dtype)
+            dy = torch.randn(batch, len(dirs), dim, L, device="cuda", dtype=dtype)
+            for config in configs:
+                for vname, fn in cuda_variants(mamba_fn, config).items():
+                    if config is not None and vname != "a_fused_triton":
+                        continue
+                    label = vname if config is None else f"{vname}[{'x'.join(map(str, config))}]"
+                    for mode in ("fwd", "fwdbwd"):
+                        def step():
+                            if mode == "fwd":
+                                with torch.no_grad():
+                                    fn(x, idx, dirs, H, W)
+                            else:
+                                xs = {k: v.detach().requires_grad_() for k, v in x.items()}
+                                fn(xs, idx, dirs, H, W).backward(dy)
+                        try:
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                            ms = cuda_time_ms(step, reps=args.reps)
+                            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                        except torch.cuda.OutOfMemoryError:
+                            ms, peak = float("nan"), float("nan")
+                            torch.cuda.empty_cache()
+                        fl = floor_ms(batch, len(dirs), dim, 16, L, dtype.itemsize, mode, ceilings)
+                        rows.append({"case": case, "batch": batch, "K": len(dirs), "d_inner": dim, "N": 16, "L": L,
+                                     "dtype": dname, "variant": label, "mode": mode, "ms": ms, "peak_mib": peak, **fl,
+                                     "floor_fraction": fl["floor_ms"] / ms})
+                        print(f"{case:8s} {dname:5s} {label:26s} {mode:7s} {ms:9.3f} ms  peak {peak:9.1f} MiB  "
+                              f"floor {fl['floor_ms']:.3f} ms ({100 * fl['floor_ms'] / ms:5.1f}%)", flush=True)
+    print("\nratios (c / a, fwd+bwd unless noted):")
+    ratios = []
+    for case, _, _, _ in cases:
+        for dname in args.dtypes:
+            for mode in ("fwd", "fwdbwd"):
+                pick = {r["variant"]: r["ms"] for r in rows if r["case"] == case and r["dtype"] == dname and r["mode"] == mode}
+                a = pick["a_fused_triton"]
+                entry = {"case": case, "dtype": dname, "mode": mode,
+                         **{f"{v}_over_a": pick[v] / a for v in pick if v != "a_fused_triton"}}
+                ratios.append(entry)
+                print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    return {"correctness": correctness, "ceilings": ceilings, "rows": rows, "ratios": ratios,
+            "mamba_available": mamba_fn is not None}
+
+
+def environment(device):
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=128, help="CUDA: batch size of both shapes")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--configs", nargs="*", default=[], help="CUDA: extra fused launch configs BLOCK_DxTxWARPS")
+    p.add_argument("--mamba-src", default=None, help="CUDA: unpacked mamba_ssm source tree with its extension built")
+    p.add_argument("--build-mamba-only", action="store_true", help="CUDA: only build mamba's extension, then exit")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_scan_<device>.json)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(cpu_child(args.child, tuple(int(v) for v in args.shape.split(",")), args.mode, args.reps)))
+        return
+    if args.build_mamba_only:
+        build_mamba_extension(args.mamba_src)
+        return
+    env = environment(args.device)
+    results = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    tag = env["device_name"].replace(" ", "_") if args.device == "cuda" else "cpu"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_scan_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "bench_scan", "device": args.device, "environment": env,
+                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **results}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
