@@ -22,14 +22,18 @@ fraction of its peak memory.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from nas.ops.selective_scan import compute_dtype
 
-# Chunk length: None picks one so that a (T, batch, D, N) work tensor holds about CHUNK_ELEMS values
-# (cache-sized), clamped to [4, 64]. Set an int to force it (tests, benchmarks).
+# Chunk length T: None picks one so that a (T, batch, D, N) work tensor holds about CHUNK_ELEMS values
+# (cache-sized; at most 64 steps), but at least max(4, sqrt(L)) steps: for a large batch * D * N the
+# L / T saved chunk states and the three T-step work buffers then cost about the same memory.
+# Set an int to force it (tests).
 CHUNK = None
 CHUNK_ELEMS = 1 << 19
 SOFTPLUS_THRESHOLD = 20.0
@@ -37,7 +41,10 @@ LOG2E = 1.4426950408889634
 
 
 def _chunk_len(L: int, batch: int, dim: int, N: int) -> int:
-    T = CHUNK if CHUNK is not None else max(4, min(64, CHUNK_ELEMS // max(1, batch * dim * N)))
+    if CHUNK is not None:
+        T = CHUNK
+    else:
+        T = max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, batch * dim * N)))
     return max(1, min(T, L))
 
 
@@ -152,7 +159,7 @@ class _Scan:
         state. Returns the gradients of u, delta (before softplus) and z, time-major (L, batch, D),
         and of B, C (L, batch, G, N), A (D, N) and D (D,)."""
         At, BT, CT, Dv, zT = self.At, self.BT, self.CT, self.Dv, self.zT
-        L, batch, dim = gyT.shape
+        _, batch, dim = gyT.shape
         G, N, dg = At.shape
         gxT, gdT = torch.empty_like(gyT), torch.empty_like(gyT)
         gzT = None if zT is None else torch.empty_like(gyT)
@@ -215,7 +222,7 @@ class SelectiveScanFn(torch.autograd.Function):
         if delta_bias is not None:
             dT += delta_bias.to(ct)
         zT = None if z is None else _to_tm(z, ct)
-        At = A.to(ct).view(G, dim // G, N).transpose(1, 2).contiguous()
+        At = A.to(ct).reshape(G, dim // G, N).transpose(1, 2).contiguous()
         BT, CT = (_to_tm(X.unsqueeze(1) if X.dim() == 3 else X, ct) for X in (B, C))  # (L, batch, G, N)
         Dv = None if D is None else D.to(ct)
         yT, states, last = _Scan(xT, dT, zT, At, BT, CT, Dv, delta_softplus).forward()
@@ -234,12 +241,12 @@ class SelectiveScanFn(torch.autograd.Function):
         xT, dT, zT, At, BT, CT, Dv, states = ctx.saved_tensors
         bc_dims, dtypes = ctx.meta
         ct = xT.dtype
-        L, batch, dim = xT.shape
+        _, batch, dim = xT.shape
         G, N, dg = At.shape
         if g_last is None:
             g_last = states.new_zeros(states.shape[1:])
         else:
-            g_last = g_last.to(ct).view(batch, G, dg, N).transpose(2, 3)
+            g_last = g_last.to(ct).reshape(batch, G, dg, N).transpose(2, 3)
         scan = _Scan(xT, dT, zT, At, BT, CT, Dv, ctx.softplus)
         gxT, gdT, gzT, gB, gC, gA, gD = scan.backward(_to_tm(gy, ct), g_last, states)
         g_bias = None if dtypes[7] is None else gdT.sum((0, 1))

@@ -145,16 +145,19 @@ def test_grads_ungrouped_B_with_single_group_C():
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
-def test_torch_backend_partial_grads_no_grad_and_inputs_untouched():
-    x = make_inputs(2, 4, 1, 3, 2)
+@pytest.mark.parametrize("L", [1, 9])
+def test_torch_backend_partial_grads_no_grad_retain_graph_and_inputs_untouched(L):
+    x = make_inputs(2, 4, L, 3, 2)
     before = {k: v.detach().clone() for k, v in x.items()}
     y_want = scan(x, ALL_OPTS, True, "ref")
     with torch.no_grad():
         torch.testing.assert_close(scan(x, ALL_OPTS, True, "torch"), y_want)
     x2 = {k: v.detach().requires_grad_(k == "u") for k, v in x.items()}
     y = scan(x2, ALL_OPTS, True, "torch")
-    (gu,) = torch.autograd.grad(y.sum(), [x2["u"]])
+    (gu,) = torch.autograd.grad(y.sum(), [x2["u"]], retain_graph=True)
     torch.testing.assert_close(gu, torch.autograd.grad(y_want.sum(), [x["u"]])[0], rtol=RTOL, atol=ATOL)
+    (gu_again,) = torch.autograd.grad(y.sum(), [x2["u"]])  # the saved tensors were left intact
+    torch.testing.assert_close(gu_again, gu, rtol=0, atol=0)
     for k, v in x.items():
         assert torch.equal(v.detach(), before[k]), f"{k} was modified in place"
 
