@@ -20,6 +20,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpret"
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpret
 
+# Search the demo supernet on the built-in digits, derive its architecture, retrain it, print a summary.
+# Running it again continues (or just reports) the existing runs/demo; delete runs/demo to start over.
+demo: $(STAMP)
+	$(BIN)/python search.py
+	$(BIN)/python derive.py runs/demo
+	$(BIN)/python derive.py runs/demo --retrain
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
 

@@ -35,6 +35,7 @@ TRAIN_DEFAULTS = {
     "amp": "auto",           # auto: bf16 autocast on CUDA, none on CPU; or "bf16" / "none"
     "max_bad_steps": 10,     # consecutive non-finite losses before the run stops
     "device": "auto",        # auto | cpu | cuda
+    "stop_after_epochs": None,  # end each invocation after this many epochs (time-limited jobs); resume later
 }
 
 
@@ -169,8 +170,11 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
         state.update(resume["loop"])
         checkpoint.set_rng_state(resume["rng"])
         logger.info(f"resumed from epoch {state['epoch']} (step {state['step']})")
-    record: dict = {}
-    for epoch in range(state["epoch"], cfg["epochs"]):
+    record: dict = resume["record"] if resume is not None else {}  # a finished run resumed: its last record
+    end = cfg["epochs"]
+    if cfg["stop_after_epochs"]:
+        end = min(end, state["epoch"] + cfg["stop_after_epochs"])
+    for epoch in range(state["epoch"], end):
         set_epoch(train_loader, epoch)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)

@@ -1,0 +1,125 @@
+"""Benchmark a search epoch: images/s and peak memory of the joint strategy vs the sampled one (k of 8
+directions active per layer and step).
+
+CPU (default): the demo search space on the demo data, one epoch, each strategy in its own subprocess;
+peak memory is the process's peak resident set minus its resident set just before the epoch (the data
+set, the model and the optimizer are already built by then).
+CUDA (--device cuda): search_spaces/localvim_t.yaml's supernet at batch 128 with bf16 autocast on random
+images (``--steps`` steps); peak memory is torch.cuda.max_memory_allocated over those steps.
+
+Prints a table and writes a JSON record to benchmarks/results/bench_search_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nas import config as cfglib  # noqa: E402
+from nas.engine.distributed import DistEnv  # noqa: E402
+from nas.engine.loop import train_one_epoch  # noqa: E402
+from nas.engine.run_log import ProgressBar  # noqa: E402
+from nas.models import create_model  # noqa: E402
+from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
+from nas.search.strategies import SearchTask, build_optimizers  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_scan import current_rss_kb, environment  # noqa: E402
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n, img_size, num_classes):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, img_size, img_size, generator=g)
+        self.labels = torch.randint(num_classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def measure(space: str, strategy: str, k: int, device: str, batch: int | None, steps: int | None) -> dict:
+    """One epoch (or `steps` steps) of the search's own training loop under one strategy."""
+    cfg = cfglib.resolve(SEARCH_DEFAULTS, str(ROOT / "search_spaces" / space), {})
+    train = dict(cfg["train"], epochs=1, warmup_epochs=0, amp="auto")
+    if batch:
+        train["batch_size"] = batch
+    strategy_cfg = dict(cfg["strategy"], name=strategy, k=k)
+    env = DistEnv(device=torch.device(device))
+    torch.manual_seed(0)
+    if device == "cuda":
+        num_classes = 1000
+        data = RandomImages(train["batch_size"] * steps, cfg["img_size"], num_classes)
+        from nas.data import build_loader
+        loader = build_loader(data, train["batch_size"], True, 4, 0)
+    else:
+        from nas.data import build_datasets, build_loader
+        bundle = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
+        num_classes, loader = bundle.num_classes, build_loader(bundle.train, train["batch_size"], True, 0, 0)
+    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=num_classes, **cfg["model_args"])
+    model.to(env.device)
+    optimizer, _ = build_optimizers(model, strategy_cfg, train)
+    task = SearchTask(model, model, optimizer, strategy_cfg, None, None, None, "", train, 0)
+    state = {"step": 0, "bad_steps": 0}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = current_rss_kb() * 1024
+    start = time.perf_counter()
+    metrics = train_one_epoch(model, loader, optimizer, task, train, env, state, 0, ProgressBar(len(loader), "", False))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"space": space, "strategy": strategy, "k": k, "batch": train["batch_size"], "steps": state["step"],
+            "images_per_s": metrics["images_per_s"], "peak_mib": peak / 2**20, "seconds": time.perf_counter() - start}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20, help="CUDA: training steps per strategy")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    space = "demo.yaml" if args.device == "cpu" else "localvim_t.yaml"
+    batch = None if args.device == "cpu" else 128
+    if args.child:
+        print(json.dumps(measure(space, args.child[0], int(args.child[1]), args.device, batch, args.steps)))
+        return
+    rows = []
+    for strategy in ("joint", "sampled"):
+        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
+                              "--child", strategy, str(args.k)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{r['space']:16s} {r['strategy']:8s} k={r['k']} batch {r['batch']:4d} {r['images_per_s']:9.1f} img/s "
+              f"peak {r['peak_mib']:9.1f} MiB ({r['seconds']:.0f} s)", flush=True)
+    ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
+    speed = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    print(f"\nsampled / joint: peak memory {ratio:.2f}x, images/s {speed:.2f}x")
+    out = ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json"
+    out.write_text(json.dumps({"benchmark": "bench_search", "environment": environment(args.device),
+                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
+                               "sampled_over_joint_peak_memory": ratio, "sampled_over_joint_images_per_s": speed},
+                              indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

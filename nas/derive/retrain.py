@@ -1,0 +1,133 @@
+"""Retrain the derived network of a search run, from scratch or from the supernet's weights (``--inherit``).
+
+The loop is the search's (``nas.engine.loop.fit``); this module adds the recipe: mixup/cutmix with
+label smoothing, an optional EMA of the weights, and no alpha. The published recipe is the default
+(AdamW lr 1e-3, wd 0.04 with norms, biases and position embeddings exempt, 20 warm-up epochs, cosine to
+1e-6, label smoothing 0.1, drop-path 0.1, mixup 0.2, cutmix 1.0); a search space's ``retrain:`` section
+and the command line override it (the demo's retraining is shorter and has no mixup).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from nas import config as cfglib
+from nas.data import DATA_DEFAULTS, build_datasets, build_loader
+from nas.derive.export import DeriveError
+from nas.engine import checkpoint
+from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
+from nas.engine.distributed import barrier, setup, teardown
+from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
+from nas.engine.run_log import RunLogger
+from nas.models import create_model, derived_from_supernet
+from nas.search.strategies import build_optimizers
+
+RETRAIN_DEFAULTS = {
+    "model": None,               # the derived model (from arch.yaml)
+    "arch": None,                # path of arch.yaml
+    "source": None,              # the search run
+    "inherit": False,            # start from the supernet's weights of the kept directions
+    "model_args": {},            # create_model options (free-form); the recipe's drop_path_rate is 0.1
+    "img_size": 224,
+    "seed": 0,
+    "data": dict(DATA_DEFAULTS),
+    "train": {**TRAIN_DEFAULTS, "epochs": 300, "mixup": 0.2, "cutmix": 1.0, "mixup_prob": 1.0,
+              "mixup_switch_prob": 0.5, "ema_decay": None},
+    "log": {"tensorboard": True, "progress": True},
+}
+
+
+class RetrainTask(Task):
+    def __init__(self, model, num_classes: int, train: dict):
+        self.mix = MixupCutmix(num_classes, train["mixup"], train["cutmix"], train["mixup_prob"],
+                               train["mixup_switch_prob"], train["label_smoothing"])
+        self.ema = ModelEma(model, train["ema_decay"]) if train["ema_decay"] else None
+        self.model = model
+
+    def loss(self, model, images, labels):
+        images, targets = self.mix(images, labels)
+        logits = model(images)
+        return soft_cross_entropy(logits, targets), logits
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def eval_model(self, model):
+        return self.ema.module if self.ema is not None else model
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+
+def retrain_config(arch: dict, arch_path: str, search_cfg: dict, overrides: dict, inherit: bool) -> dict:
+    """Defaults, then what the search run fixes (data, image size, seed, architecture arguments), then the
+    search space's ``retrain:`` section, then the command line."""
+    data = {**(search_cfg.get("data") or {}), "heldout_fraction": None, "heldout_path": None}
+    base = {"model": arch["model"], "arch": os.path.abspath(arch_path), "source": arch["source"], "inherit": inherit,
+            "model_args": {"drop_path_rate": 0.1, **arch["model_args"]},
+            "img_size": search_cfg.get("img_size", RETRAIN_DEFAULTS["img_size"]),
+            "seed": search_cfg.get("seed", 0), "data": data}
+    cfg = cfglib.merge(RETRAIN_DEFAULTS, base, "arch")
+    cfg = cfglib.merge(cfg, search_cfg.get("retrain") or {}, "search config's retrain section")
+    return cfglib.merge(cfg, overrides, "command line")
+
+
+def build_model(cfg: dict, num_classes: int):
+    args = dict(cfg["model_args"], img_size=cfg["img_size"], num_classes=num_classes)
+    if not cfg["inherit"]:
+        return create_model(cfg["model"], directions=cfg["arch"], **args)
+    last = os.path.join(cfg["source"], "last.pt")
+    if not os.path.isfile(last):
+        raise DeriveError(f"--inherit: the search run {cfg['source']!r} holds no last.pt to inherit from")
+    from nas.models.arch import read_arch_file
+    return derived_from_supernet(checkpoint.load(last)["model"], cfg["model"], read_arch_file(cfg["arch"]), **args)
+
+
+def run_retrain(cfg: dict, out: str) -> dict:
+    env = setup(cfg["train"]["device"])
+    try:
+        return _run(cfg, out, env)
+    finally:
+        teardown()
+
+
+def _run(cfg: dict, out: str, env) -> dict:
+    torch.manual_seed(cfg["seed"])
+    train = cfg["train"]
+    if env.is_main:
+        os.makedirs(out, exist_ok=True)
+    barrier()
+    try:
+        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
+        model = build_model(cfg, data.num_classes)
+    except ValueError as exc:
+        raise DeriveError(str(exc)) from None
+    model.to(env.device)
+    train_model = model
+    if env.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    optimizer, _ = build_optimizers(model, {"name": "joint"}, train)
+    train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
+    val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
+    logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])
+    if env.is_main:
+        cfglib.save(cfg, os.path.join(out, "config.yaml"))
+        how = "from the supernet's weights" if cfg["inherit"] else "from scratch"
+        logger.info(f"retrain {cfg['model']} {how} on {data.summary()}; writing to {out}")
+    task = RetrainTask(model, data.num_classes, train)
+    last = os.path.join(out, "last.pt")
+    resume = checkpoint.load(last) if os.path.isfile(last) else None
+    try:
+        record = fit(task, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out, resume,
+                     extra={"config": copy.deepcopy(cfg), "model_name": cfg["model"]})
+    finally:
+        logger.close()
+    return record

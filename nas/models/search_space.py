@@ -1,0 +1,99 @@
+"""Alpha (the architecture parameters) and the derivation of a final architecture from them.
+
+Every searchable layer owns one ``MultiScan`` whose ``weights`` parameter (8, 1, 1, 1) is its alpha
+(state_dict names end with ``multi_scan.weights``). Alphas are ordinary ``nn.Parameter``s, so DDP
+synchronizes them; ``split_parameters`` separates them for their own optimizer group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nas.models.mixed_scan import MultiScan
+from nas.ops import DIRECTIONS
+
+
+def _multi_scans(model: nn.Module) -> list[MultiScan]:
+    return [m for m in model.modules() if isinstance(m, MultiScan)]
+
+
+def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The alpha of every searchable layer, in layer order (8 values each); [] for derived models."""
+    return [m.weights for m in _multi_scans(model) if m.search]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, alphas): every trainable parameter except the alphas, and the alphas in layer order."""
+    alphas = arch_parameters(model)
+    alpha_ids = {id(a) for a in alphas}
+    weights = [p for p in model.parameters() if id(p) not in alpha_ids]
+    return weights, alphas
+
+
+def set_active_paths(model: nn.Module, paths) -> nn.Module:
+    """Make every searchable layer run only some of its directions on the next forwards (sampled search).
+
+    paths: one collection of distinct DIRECTIONS indices per searchable layer (layer order, as
+    ``arch_parameters``), or None to run all directions again. Inactive directions' scans are not
+    computed (their weights get no gradient); the merge renormalizes softmax(alpha) over the active ones.
+    """
+    scans = [m for m in _multi_scans(model) if m.search]
+    if paths is None:
+        for m in scans:
+            m.active = None
+        return model
+    paths = list(paths)
+    if len(paths) != len(scans):
+        raise ValueError(f"paths: expected one index list per searchable layer ({len(scans)}), got {len(paths)}")
+    checked = []
+    for i, p in enumerate(paths):
+        idx = [int(v) for v in (p.reshape(-1).tolist() if isinstance(p, torch.Tensor) else p)]
+        if not idx or len(set(idx)) != len(idx) or not all(0 <= v < len(DIRECTIONS) for v in idx):
+            raise ValueError(f"paths[{i}]: expected distinct direction indices in 0..{len(DIRECTIONS) - 1}, got {idx}")
+        checked.append(tuple(sorted(idx)))
+    for m, idx in zip(scans, checked):
+        m.active = idx
+    return model
+
+
+def set_batched(model: nn.Module, batched: bool = True) -> nn.Module:
+    """Switch every mixer between the one-call batched scan (default) and the per-direction loop."""
+    for m in model.modules():
+        if hasattr(m, "batched") and hasattr(m, "multi_scan"):
+            m.batched = batched
+    return model
+
+
+def _alpha_rows(model_or_alphas) -> list[torch.Tensor]:
+    if isinstance(model_or_alphas, nn.Module):
+        alphas = arch_parameters(model_or_alphas)
+        if not alphas:
+            name = getattr(model_or_alphas, "model_name", type(model_or_alphas).__name__)
+            raise ValueError(f"model: {name} has no alpha parameters (it is not a search model)")
+    elif isinstance(model_or_alphas, torch.Tensor):
+        alphas = list(model_or_alphas.reshape(-1, len(DIRECTIONS))) if model_or_alphas.dim() > 0 else [model_or_alphas]
+    else:
+        alphas = list(model_or_alphas)
+    rows = []
+    for i, a in enumerate(alphas):
+        a = torch.as_tensor(a).detach().float().reshape(-1)
+        if a.numel() != len(DIRECTIONS):
+            raise ValueError(f"alphas[{i}]: expected {len(DIRECTIONS)} values (one per direction), got {a.numel()}")
+        rows.append(a.cpu())
+    return rows
+
+
+def derive_directions(model_or_alphas, k: int = 4) -> list[list[str]]:
+    """Per layer, the k directions with the largest softmax(alpha), written in DIRECTIONS order.
+
+    model_or_alphas: a search model, a list of alpha tensors (8 values each) or a (layers, 8) tensor.
+    Ties are broken deterministically in favour of the lower DIRECTIONS index.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
+        raise ValueError(f"k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
+    derived = []
+    for alpha in _alpha_rows(model_or_alphas):
+        # softmax is monotonic: ranking alpha itself avoids ties that rounding of the softmax would create
+        order = torch.sort(alpha, descending=True, stable=True).indices[:k]
+        derived.append([DIRECTIONS[i] for i in sorted(order.tolist())])
+    return derived

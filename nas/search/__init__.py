@@ -1,0 +1,1 @@
+"""The search: strategies, alpha bookkeeping and the ``search.py`` run."""

@@ -1,0 +1,167 @@
+"""``search.py``: search the scan directions of a supernet on an image data set.
+
+    python search.py                                          # search_spaces/demo.yaml on the demo digits
+    python search.py -c search_spaces/localvim_t.yaml --data /imagenet --epochs 100 --out runs/vim_t
+    torchrun --nproc_per_node 4 search.py -c search_spaces/localvim_t.yaml --data /imagenet
+
+Everything lands in ``runs/NAME/`` (see the README). A run whose folder already holds ``last.pt``
+continues from it (``--resume`` says so explicitly and fails when there is nothing to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import sys
+
+import torch
+
+from nas import config as cfglib
+from nas.data import DATA_DEFAULTS, DataError, build_datasets, build_loader
+from nas.engine import checkpoint
+from nas.engine.distributed import barrier, setup, teardown
+from nas.engine.loop import TRAIN_DEFAULTS, NonFiniteLoss, fit
+from nas.engine.run_log import RunLogger
+from nas.models import arch_parameters, create_model, derive_directions, is_search_model
+from nas.search.strategies import STRATEGY_DEFAULTS, SearchTask, build_optimizers, check_strategy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(ROOT, "search_spaces", "demo.yaml")
+
+SEARCH_DEFAULTS = {
+    "name": "search",
+    "model": "local_vim_demo_search",
+    "model_args": {},            # create_model overrides: drop_path_rate, scattn, backend, ...
+    "img_size": 224,
+    "seed": 0,
+    "data": dict(DATA_DEFAULTS),
+    "strategy": dict(STRATEGY_DEFAULTS),
+    "train": dict(TRAIN_DEFAULTS),
+    "log": {"tensorboard": True, "progress": True},
+    "retrain": {},               # overrides of derive.py's retraining config (nas.derive.retrain), e.g. train.epochs
+}
+
+
+class UserError(ValueError):
+    """Anything the user can fix; printed as one line, exit code 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="search.py", description="Search the scan directions of a vision Mamba supernet.",
+                                epilog="Any config key can be overridden: --train.lr 3e-4, --strategy.name bilevel, "
+                                       "data.num_classes=100.")
+    p.add_argument("-c", "--config", default=None, help=f"search space YAML (default: {os.path.relpath(DEFAULT_CONFIG)})")
+    p.add_argument("--data", default=None, help="'demo', an ImageFolder root or a file list (overrides data.path)")
+    p.add_argument("--epochs", type=int, default=None, help="overrides train.epochs")
+    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    args, rest = p.parse_known_args(argv)
+    return args, rest
+
+
+def resolve_config(args, rest) -> tuple[dict, str]:
+    overrides = cfglib.parse_overrides(rest)
+    if args.data is not None:
+        overrides.setdefault("data", {})["path"] = args.data
+    if args.epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = args.epochs
+    path = args.config or DEFAULT_CONFIG
+    cfg = cfglib.resolve(SEARCH_DEFAULTS, path, overrides)
+    out = args.out or os.path.join("runs", cfg["name"])
+    saved = os.path.join(out, "config.yaml")
+    if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
+        # a resumed run keeps its own config; only what this command line says changes it
+        cfg = cfglib.merge(cfglib.resolve(SEARCH_DEFAULTS, saved, {}), overrides, "command line")
+    elif args.resume:
+        raise UserError(f"--resume: {out!r} holds no last.pt to resume from")
+    if cfg["data"]["path"] is None:
+        raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
+    try:
+        check_strategy(cfg["strategy"])
+        search = is_search_model(cfg["model"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not search:
+        raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
+                        f"(a name ending in _search)")
+    return cfg, out
+
+
+def stage_ends(model) -> list[int] | None:
+    """Layer counts at which a LocalVMamba stage ends (for the heatmap); None for plain models."""
+    depths = getattr(model, "depths", None)
+    return list(itertools.accumulate(depths)) if depths else None
+
+
+def run_search(cfg: dict, out: str) -> dict:
+    """Run (or resume) a search; returns {"record": last epoch's log line, "directions": the top-k lists,
+    "alphas": (layers, 8, 1, 1, 1) tensor}."""
+    env = setup(cfg["train"]["device"])
+    try:
+        return _run(cfg, out, env)
+    finally:
+        teardown()
+
+
+def _run(cfg: dict, out: str, env) -> dict:
+    torch.manual_seed(cfg["seed"])
+    train = cfg["train"]
+    strategy = cfg["strategy"]
+    if strategy["name"] == "bilevel" and not cfg["data"]["heldout_fraction"] and not cfg["data"]["heldout_path"]:
+        cfg = copy.deepcopy(cfg)
+        cfg["data"]["heldout_fraction"] = 0.5  # DARTS: half of the training images train alpha
+    if env.is_main:
+        os.makedirs(out, exist_ok=True)
+    barrier()
+    try:  # mistakes in the data or the model settings surface here, before any training
+        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
+        model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    model.to(env.device)
+    train_model = model
+    if env.distributed:
+        # sampled runs leave the skipped directions' parameters without gradients
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            find_unused_parameters=strategy["name"] == "sampled")
+    optimizer, alpha_opt = build_optimizers(model, strategy, train)
+    loaders = dict(train=build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"]),
+                   val=build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"]))
+    heldout = None
+    if strategy["name"] == "bilevel":
+        if data.heldout is None:
+            raise UserError("strategy.name: bilevel needs a held-out split; set data.heldout_fraction")
+        heldout = build_loader(data.heldout, train["batch_size"], True, train["workers"], cfg["seed"] + 1)
+        loaders["val"] = build_loader(data.heldout, train["batch_size"], False, train["workers"], cfg["seed"])
+    logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])
+    if env.is_main:
+        cfglib.save(cfg, os.path.join(out, "config.yaml"))
+        logger.info(f"search {cfg['model']} ({strategy['name']}) on {data.summary()}; writing to {out}")
+    task = SearchTask(model, train_model, optimizer, strategy, alpha_opt, heldout, logger, out, train, cfg["seed"],
+                      stage_ends(model))
+    last = os.path.join(out, "last.pt")
+    resume = checkpoint.load(last) if os.path.isfile(last) else None
+    try:
+        record = fit(task, model, train_model, optimizer, loaders["train"], loaders["val"], train, env, logger, out,
+                     resume, extra={"config": cfg, "model_name": cfg["model"]})
+    finally:
+        logger.close()
+    directions = derive_directions(model, strategy["k"])
+    logger.info(f"kept directions per layer (top-{strategy['k']}):")
+    for i, names in enumerate(directions):
+        logger.info(f"  layer {i:2d}: {', '.join(names)}")
+    return {"record": record, "directions": directions,
+            "alphas": torch.stack([a.detach().cpu() for a in arch_parameters(model)])}
+
+
+def main(argv=None) -> int:
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, out = resolve_config(args, rest)
+        run_search(cfg, out)
+    except (UserError, cfglib.ConfigError, DataError, NonFiniteLoss) as exc:
+        print(f"search.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

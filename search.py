@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""Search the scan directions of a vision Mamba supernet. See `python search.py --help`."""
+import sys
+
+from nas.search.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())
