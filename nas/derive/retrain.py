@@ -90,15 +90,15 @@ def build_model(cfg: dict, num_classes: int):
     return derived_from_supernet(checkpoint.load(last)["model"], cfg["model"], read_arch_file(cfg["arch"]), **args)
 
 
-def run_retrain(cfg: dict, out: str) -> dict:
+def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:
     env = setup(cfg["train"]["device"])
     try:
-        return _run(cfg, out, env)
+        return _run(cfg, out, env, on_epoch)
     finally:
         teardown()
 
 
-def _run(cfg: dict, out: str, env) -> dict:
+def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
     if env.is_main:

@@ -155,7 +155,7 @@ def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val"
 
 
 def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg: dict, env: DistEnv, logger,
-        run_dir: str, resume: dict | None = None, extra: dict | None = None) -> dict:
+        run_dir: str, resume: dict | None = None, extra: dict | None = None, on_epoch=None) -> dict:
     """Train for ``cfg["epochs"]`` epochs, resuming from a checkpoint dict when given.
 
     model: the bare module (its state_dict is saved); train_model: what runs the steps (DDP-wrapped or
@@ -199,4 +199,6 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
             checkpoint.save(ckpt, os.path.join(run_dir, "last.pt"))
             if improved:
                 checkpoint.save(ckpt, os.path.join(run_dir, "best.pt"))
+        if on_epoch is not None:
+            on_epoch(record)
     return record

@@ -40,6 +40,7 @@ SEARCH_DEFAULTS = {
     "train": dict(TRAIN_DEFAULTS),
     "log": {"tensorboard": True, "progress": True},
     "retrain": {},               # overrides of derive.py's retraining config (nas.derive.retrain), e.g. train.epochs
+    "tune": {},                  # the Optuna search space of `search.py --tune` (nas.tune)
 }
 
 
@@ -94,17 +95,17 @@ def stage_ends(model) -> list[int] | None:
     return list(itertools.accumulate(depths)) if depths else None
 
 
-def run_search(cfg: dict, out: str) -> dict:
+def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
     """Run (or resume) a search; returns {"record": last epoch's log line, "directions": the top-k lists,
     "alphas": (layers, 8, 1, 1, 1) tensor}."""
     env = setup(cfg["train"]["device"])
     try:
-        return _run(cfg, out, env)
+        return _run(cfg, out, env, on_epoch)
     finally:
         teardown()
 
 
-def _run(cfg: dict, out: str, env) -> dict:
+def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
     strategy = cfg["strategy"]
@@ -145,7 +146,7 @@ def _run(cfg: dict, out: str, env) -> dict:
     resume = checkpoint.load(last) if os.path.isfile(last) else None
     try:
         record = fit(task, model, train_model, optimizer, loaders["train"], loaders["val"], train, env, logger, out,
-                     resume, extra={"config": cfg, "model_name": cfg["model"]})
+                     resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})
     finally:
         logger.close()
     directions = derive_directions(model, strategy["k"])
