@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import current_rss_kb, environment  # noqa: E402
 from nas.ops import apply_scan, multi_direction_scan, scan_orders, selective_scan, undo_scan  # noqa: E402
 
 CPU_SHAPES = [(8, 256, 16, 196), (2, 384, 16, 1024)]
@@ -70,10 +70,6 @@ def cpu_call(variant, x):
     return selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
                           delta_softplus=True, backend=variant)
 
-
-def current_rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def cpu_child(variant, shape, mode, reps):
@@ -343,25 +339,6 @@ def run_cuda(args):
     return {"correctness": correctness, "ceilings": ceilings, "rows": rows, "ratios": ratios,
             "mamba_available": mamba_fn is not None}
 
-
-def environment(device):
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device == "cuda":
-        env["device_name"] = torch.cuda.get_device_name()
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip()
-        except OSError:
-            env["driver"] = None
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env
 
 
 def main():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -33,8 +32,7 @@ from nas.models import create_model  # noqa: E402
 from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
 from nas.search.strategies import SearchTask, build_optimizers  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_scan import current_rss_kb, environment  # noqa: E402
+from bench_common import current_rss_kb, environment  # noqa: E402
 
 
 class RandomImages(torch.utils.data.Dataset):

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import current_rss_kb, environment  # noqa: E402
 from nas.models import count_parameters, create_model, set_batched, split_parameters  # noqa: E402
 
 # (label, model name, create_model overrides, image size)
@@ -52,10 +51,6 @@ CUDA_MODELS = [
 ]
 PATHS = ("batched", "loop")
 
-
-def current_rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def child(spec: dict) -> dict:
@@ -149,17 +144,6 @@ def ratios(rows: list[dict]) -> list[dict]:
               f"peak memory batched/loop {r['peak_mem_batched_over_loop']:.2f}")
     return out
 
-
-def environment(device: str) -> dict:
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
-    return env
 
 
 def main():

@@ -18,7 +18,7 @@ from nas.data import DATA_DEFAULTS, build_datasets, build_loader
 from nas.derive.export import DeriveError
 from nas.engine import checkpoint
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
-from nas.engine.distributed import barrier, setup, teardown
+from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run_in_process_group
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
 from nas.engine.run_log import RunLogger
 from nas.models import create_model, derived_from_supernet
@@ -91,29 +91,20 @@ def build_model(cfg: dict, num_classes: int):
 
 
 def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:
-    env = setup(cfg["train"]["device"])
-    try:
-        return _run(cfg, out, env, on_epoch)
-    finally:
-        teardown()
+    """Run (or resume) a retraining; returns the last epoch's log record."""
+    return run_in_process_group(cfg["train"]["device"], _run, cfg, out, on_epoch)
 
 
-def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
+def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
-    if env.is_main:
-        os.makedirs(out, exist_ok=True)
-    barrier()
+    make_run_dir(out, env)
     try:
         data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
         model = build_model(cfg, data.num_classes)
     except ValueError as exc:
         raise DeriveError(str(exc)) from None
-    model.to(env.device)
-    train_model = model
-    if env.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    train_model = data_parallel(model, env)
     optimizer, _ = build_optimizers(model, {"name": "joint"}, train)
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
     val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
@@ -123,10 +114,9 @@ def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
         how = "from the supernet's weights" if cfg["inherit"] else "from scratch"
         logger.info(f"retrain {cfg['model']} {how} on {data.summary()}; writing to {out}")
     task = RetrainTask(model, data.num_classes, train)
-    last = os.path.join(out, "last.pt")
-    resume = checkpoint.load(last) if os.path.isfile(last) else None
     try:
-        record = fit(task, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out, resume,
+        record = fit(task, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out,
+                     last_checkpoint(out), on_epoch=on_epoch,
                      extra={"config": copy.deepcopy(cfg), "model_name": cfg["model"]})
     finally:
         logger.close()

@@ -19,8 +19,7 @@ import torch
 
 from nas import config as cfglib
 from nas.data import DATA_DEFAULTS, DataError, build_datasets, build_loader
-from nas.engine import checkpoint
-from nas.engine.distributed import barrier, setup, teardown
+from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run_in_process_group
 from nas.engine.loop import TRAIN_DEFAULTS, NonFiniteLoss, fit
 from nas.engine.run_log import RunLogger
 from nas.models import arch_parameters, create_model, derive_directions, is_search_model
@@ -98,35 +97,24 @@ def stage_ends(model) -> list[int] | None:
 def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
     """Run (or resume) a search; returns {"record": last epoch's log line, "directions": the top-k lists,
     "alphas": (layers, 8, 1, 1, 1) tensor}."""
-    env = setup(cfg["train"]["device"])
-    try:
-        return _run(cfg, out, env, on_epoch)
-    finally:
-        teardown()
+    return run_in_process_group(cfg["train"]["device"], _run, cfg, out, on_epoch)
 
 
-def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
+def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
     strategy = cfg["strategy"]
     if strategy["name"] == "bilevel" and not cfg["data"]["heldout_fraction"] and not cfg["data"]["heldout_path"]:
         cfg = copy.deepcopy(cfg)
         cfg["data"]["heldout_fraction"] = 0.5  # DARTS: half of the training images train alpha
-    if env.is_main:
-        os.makedirs(out, exist_ok=True)
-    barrier()
+    make_run_dir(out, env)
     try:  # mistakes in the data or the model settings surface here, before any training
         data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
         model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    model.to(env.device)
-    train_model = model
-    if env.distributed:
-        # sampled runs leave the skipped directions' parameters without gradients
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-            find_unused_parameters=strategy["name"] == "sampled")
+    # sampled runs leave the skipped directions' parameters without gradients
+    train_model = data_parallel(model, env, find_unused_parameters=strategy["name"] == "sampled")
     optimizer, alpha_opt = build_optimizers(model, strategy, train)
     loaders = dict(train=build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"]),
                    val=build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"]))
@@ -142,11 +130,9 @@ def _run(cfg: dict, out: str, env, on_epoch=None) -> dict:
         logger.info(f"search {cfg['model']} ({strategy['name']}) on {data.summary()}; writing to {out}")
     task = SearchTask(model, train_model, optimizer, strategy, alpha_opt, heldout, logger, out, train, cfg["seed"],
                       stage_ends(model))
-    last = os.path.join(out, "last.pt")
-    resume = checkpoint.load(last) if os.path.isfile(last) else None
     try:
         record = fit(task, model, train_model, optimizer, loaders["train"], loaders["val"], train, env, logger, out,
-                     resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})
+                     last_checkpoint(out), on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})
     finally:
         logger.close()
     directions = derive_directions(model, strategy["k"])

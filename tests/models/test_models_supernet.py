@@ -71,7 +71,7 @@ def test_inherited_weights_sit_at_their_list_positions():
     for i, layer_dirs in enumerate(directions):
         for k, name in enumerate(layer_dirs):
             j = DIRECTIONS.index(name)
-            for key in (f"A_log_{{}}", "D_{}", "conv1d_{}.weight", "x_proj_{}.weight", "dt_proj_{}.bias"):
+            for key in ("A_log_{}", "D_{}", "conv1d_{}.weight", "x_proj_{}.weight", "dt_proj_{}.bias"):
                 assert torch.equal(d[f"layers.{i}.mixer." + key.format(k)], s[f"layers.{i}.mixer." + key.format(j)])
     supernet, derived, directions = _pair("local_vssm_demo_search", "local_vssm_demo")
     s, d = supernet.state_dict(), derived.state_dict()
