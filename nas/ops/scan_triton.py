@@ -46,6 +46,28 @@ def _combine_adjoint(alpha_prev, b_prev, q_prev, alpha_cur, b_cur, q_cur):
 
 
 @triton.jit
+def _program_tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's (batch, group), its channel tile, and the per-channel parameters of that tile."""
+    b = (tl.program_id(1) // G).to(tl.int64)
+    g = (tl.program_id(1) % G).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < Dg
+    ch = g * Dg + offs_d
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A2_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(Dv_ptr + ch, mask=mask_d, other=0.0)
+    return b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv
+
+
+@triton.jit
 def _load_chunk(c, b, g, offs_d, mask_d, offs_n, mask_n, A2, bias,
                 u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, S,
                 su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l,
@@ -95,22 +117,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr,
                      SAVE_LAST: tl.constexpr):
-    pid_d = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = (pid_bg % G).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dg
-    ch = g * Dg + offs_d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(A2_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
-    if HAS_D:
-        Dv = tl.load(Dv_ptr + ch, mask=mask_d, other=0.0)
+    b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv = _program_tile(
+        A2_ptr, Dv_ptr, bias_ptr, G, Dg, N, NP, BLOCK_D, HAS_D, HAS_BIAS)
     last_t = (tl.arange(0, T) == T - 1)[None, None, :]
     # y has the contiguous (batch, G, Dg, L) layout
     y_base = y_ptr + ((b * G + g) * Dg + offs_d[:, None]) * L
@@ -147,24 +155,9 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
                      N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, ATOMIC_BC: tl.constexpr):
-    pid_d = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = (pid_bg % G).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dg
-    ch = g * Dg + offs_d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(A2_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv = _program_tile(
+        A2_ptr, Dv_ptr, bias_ptr, G, Dg, N, NP, BLOCK_D, HAS_D, HAS_BIAS)
     A = A2 * (1.0 / 1.4426950408889634)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(Dv_ptr + ch, mask=mask_d, other=0.0)
     first_t = (tl.arange(0, T) == 0)[None, None, :]
     row = (b * G + g) * Dg + offs_d[:, None]  # contiguous (batch, G, Dg, .) rows of dy/du/ddt/dz
     bc_row = (b * G + g) * N + offs_n[:, None]  # contiguous (batch, G, N, L) rows of dB/dC
