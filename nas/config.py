@@ -52,9 +52,13 @@ def _set_path(cfg: dict, keys: list[str], value) -> None:
     node[keys[-1]] = value
 
 
-def merge(defaults: dict, updates: dict, source: str) -> dict:
-    """A copy of ``defaults`` with ``updates`` (nested) applied; unknown keys raise ConfigError."""
-    valid = flatten(defaults)
+def merge(defaults: dict, updates: dict, source: str, schema: dict | None = None) -> dict:
+    """A copy of ``defaults`` with ``updates`` (nested) applied; unknown keys raise ConfigError.
+
+    schema: the tree that says which keys exist and which sections are free-form (default: ``defaults``);
+    pass the original defaults when ``defaults`` already holds a file's values."""
+    valid = flatten(schema if schema is not None else defaults)
+    valid.update(flatten(defaults))
     cfg = copy.deepcopy(defaults)
     for dotted, value in flatten(updates).items():
         if dotted not in valid:
@@ -114,7 +118,7 @@ def resolve(defaults: dict, path: str | None, overrides: dict) -> dict:
     cfg = defaults
     if path is not None:
         cfg = merge(cfg, load_yaml(path), path)
-    return merge(cfg, overrides, "command line")
+    return merge(cfg, overrides, "command line", schema=defaults)
 
 
 def save(cfg: dict, path: str) -> None:

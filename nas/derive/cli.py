@@ -14,7 +14,7 @@ import sys
 
 from nas import config as cfglib
 from nas.derive.export import DeriveError, draw_figures, format_table, make_arch, python_literal, read_run, write_arch
-from nas.derive.retrain import retrain_config, run_retrain
+from nas.derive.retrain import RETRAIN_DEFAULTS, retrain_config, run_retrain
 from nas.engine.loop import NonFiniteLoss
 from nas.models import check_directions, create_model
 from nas.models.arch import read_arch_file
@@ -79,7 +79,8 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
     out = args.out or os.path.join(args.run, "retrain")
     saved = os.path.join(out, "config.yaml")
     if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
-        return cfglib.merge(cfglib.load_yaml(saved), overrides, "command line"), out  # a resumed run keeps its config
+        # a resumed run keeps its config
+        return cfglib.merge(cfglib.load_yaml(saved), overrides, "command line", RETRAIN_DEFAULTS), out
     if args.resume:
         raise DeriveError(f"--resume: {out!r} holds no last.pt to resume from")
     return retrain_config(arch, arch_path, read_run(args.run)["config"], overrides, args.inherit), out

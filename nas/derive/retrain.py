@@ -75,8 +75,8 @@ def retrain_config(arch: dict, arch_path: str, search_cfg: dict, overrides: dict
             "img_size": search_cfg.get("img_size", RETRAIN_DEFAULTS["img_size"]),
             "seed": search_cfg.get("seed", 0), "data": data}
     cfg = cfglib.merge(RETRAIN_DEFAULTS, base, "arch")
-    cfg = cfglib.merge(cfg, search_cfg.get("retrain") or {}, "search config's retrain section")
-    return cfglib.merge(cfg, overrides, "command line")
+    cfg = cfglib.merge(cfg, search_cfg.get("retrain") or {}, "search config's retrain section", RETRAIN_DEFAULTS)
+    return cfglib.merge(cfg, overrides, "command line", RETRAIN_DEFAULTS)
 
 
 def build_model(cfg: dict, num_classes: int):

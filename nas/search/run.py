@@ -56,7 +56,22 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None, help="overrides train.epochs")
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    tune = p.add_argument_group("tuning and baselines (nas.tune; settings in the config's tune: section)")
+    mode = tune.add_mutually_exclusive_group()
+    mode.add_argument("--tune", type=int, default=None, metavar="N",
+                      help="run an Optuna study of N searches (trials in --out/trial_NNNN, summary in --out/best.yaml)")
+    mode.add_argument("--baseline", choices=("fixed", "random", "published", "tpe"), default=None,
+                      help="write a baseline architecture to --out/baselines/KIND/arch.yaml (tpe: a black-box study)")
+    mode.add_argument("--compare", action="store_true",
+                      help="search, run the baselines, retrain every candidate alike, write --out/compare.md")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="study storage: a database URL or a journal file (default: --out/study.journal)")
+    tune.add_argument("--study", default=None, metavar="NAME", help="study name (default: the --out folder's name)")
     args, rest = p.parse_known_args(argv)
+    if (args.storage or args.study) and args.tune is None and args.baseline != "tpe":
+        p.error("--storage and --study go with --tune or --baseline tpe")
+    if args.resume and (args.tune is not None or args.baseline or args.compare):
+        p.error("--resume applies to a single search; a study, baseline or comparison resumes by itself")
     return args, rest
 
 
@@ -72,7 +87,7 @@ def resolve_config(args, rest) -> tuple[dict, str]:
     saved = os.path.join(out, "config.yaml")
     if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
         # a resumed run keeps its own config; only what this command line says changes it
-        cfg = cfglib.merge(cfglib.resolve(SEARCH_DEFAULTS, saved, {}), overrides, "command line")
+        cfg = cfglib.resolve(SEARCH_DEFAULTS, saved, overrides)
     elif args.resume:
         raise UserError(f"--resume: {out!r} holds no last.pt to resume from")
     if cfg["data"]["path"] is None:
@@ -147,7 +162,11 @@ def main(argv=None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, out = resolve_config(args, rest)
-        run_search(cfg, out)
+        if args.tune is not None or args.baseline or args.compare:
+            from nas.tune.cli import dispatch  # optuna is imported only when asked for
+            dispatch(args, cfg, out)
+        else:
+            run_search(cfg, out)
     except (UserError, cfglib.ConfigError, DataError, NonFiniteLoss) as exc:
         print(f"search.py: error: {exc}", file=sys.stderr)
         return 2

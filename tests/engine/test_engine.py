@@ -74,3 +74,10 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     checkpoint.set_rng_state(checkpoint.load(str(tmp_path / "r.pt"))["rng"])
     second = (torch.rand(3), random.random(), np.random.rand(3))
     assert torch.equal(first[0], second[0]) and first[1] == second[1] and np.array_equal(first[2], second[2])
+
+
+def test_free_form_section_filled_by_a_file_still_takes_new_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_args:\n  drop_path_rate: 0.1\n")
+    cfg = cfglib.resolve(DEFAULTS, str(path), cfglib.parse_overrides(["--model_args.depth", "2"]))
+    assert cfg["model_args"] == {"drop_path_rate": 0.1, "depth": 2}
