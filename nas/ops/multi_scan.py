@@ -47,11 +47,20 @@ def _inverse_index(index: torch.Tensor, L: int) -> torch.Tensor:
     return inverse
 
 
+def _take_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[b, k, c, s] = x[b, k, c, index[k, s]]: a gather on an explicitly expanded index (about 2x
+    faster than ``take_along_dim``, which first materializes the broadcast index with a remainder
+    op, forward and backward)."""
+    return torch.gather(x, -1, index[None, :, None, :].expand(*x.shape[:-1], index.shape[-1]))
+
+
 def _gather_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(batch, K, C, L) in source order -> (batch, K, C, S) in scan order, zeros at pad steps."""
-    padded = torch.cat([x, x.new_zeros(x.shape[:-1] + (1,))], dim=-1)
-    idx = torch.where(index < 0, x.shape[-1], index)
-    return torch.take_along_dim(padded, idx[None, :, None, :], dim=-1)
+    batch, K, C, L = x.shape
+    # an input expanded over the directions (u shared by all K) is padded once, not K times
+    src = x[:, :1] if x.stride(1) == 0 else x
+    padded = torch.cat([src, src.new_zeros(src.shape[:-1] + (1,))], dim=-1).expand(batch, K, C, L + 1)
+    return _take_steps(padded, torch.where(index < 0, L, index))
 
 
 def multi_direction_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -74,7 +83,7 @@ def multi_direction_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=Non
     if index is None:
         return y
     y = torch.cat([y, y.new_zeros(y.shape[:-1] + (1,))], dim=-1)
-    return torch.take_along_dim(y, _inverse_index(index, L)[None, :, None, :], dim=-1)
+    return _take_steps(y, _inverse_index(index, L))
 
 
 def multi_direction_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,

@@ -14,6 +14,12 @@ Same semantics as ``selective_scan_ref`` (see ``nas.ops.selective_scan``). Why t
 - The backward walks the chunks in reverse: it recomputes a chunk's states from its saved entry
   state, runs the adjoint recurrence g_t = C_t * dy_t + a_{t+1} * g_{t+1} backwards in time, and
   turns (h, g) into the gradients of every input with batched matmuls and in-place products.
+- The state's rows (one per batch element and group, N x D/G values) are independent: they are cut
+  into tiles of about TILE_ELEMS values per thread, and each tile runs the whole chunked scan before
+  the next. Untiled, at (batch 8, 8 groups of 256 channels, N 16) the state is 4 MB and each work
+  buffer 15 MB, every per-step update streams through memory, and one call over all groups is slower
+  than a loop over them. A tile's state stays in L2 and its work buffers (~2 MB) in L3, while its
+  per-step ops stay large enough to hide PyTorch's per-op overhead.
 
 Arithmetic is fp32 (float64 for float64 inputs); y comes back in u's dtype, the last state in fp32
 (float64 for float64 inputs, as the reference does). On 2 CPU cores, forward + backward at
@@ -30,21 +36,23 @@ from torch.autograd.function import once_differentiable
 
 from nas.ops.selective_scan import compute_dtype
 
-# Chunk length T: None picks one so that a (T, batch, D, N) work tensor holds about CHUNK_ELEMS values
-# (cache-sized; at most 64 steps), but at least max(4, sqrt(L)) steps: for a large batch * D * N the
+# Chunk length T: None picks one so that a (T, rows, N, D/G) work tensor of a tile holds about
+# CHUNK_ELEMS values (at most 64 steps), but at least max(4, sqrt(L)) steps: for a large state the
 # L / T saved chunk states and the three T-step work buffers then cost about the same memory.
-# Set an int to force it (tests).
+# Tile rows: None picks the most (batch, group) rows whose state holds at most TILE_ELEMS values per
+# CPU thread (128 KB of fp32 per thread measured best on 1 and 2 threads; smaller tiles lose to the
+# per-op overhead). Set ints to force them (tests).
 CHUNK = None
 CHUNK_ELEMS = 1 << 19
+TILE_ROWS = None
+TILE_ELEMS = 1 << 15
 SOFTPLUS_THRESHOLD = 20.0
 LOG2E = 1.4426950408889634
 
 
-def _chunk_len(L: int, batch: int, dim: int, N: int) -> int:
-    if CHUNK is not None:
-        T = CHUNK
-    else:
-        T = max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, batch * dim * N)))
+def _chunk_len(L: int, rows: int, row: int) -> int:
+    """T for a tile of `rows` rows of `row` state values each."""
+    T = CHUNK or max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, rows * row)))
     return max(1, min(T, L))
 
 
@@ -58,12 +66,10 @@ def _to_tm(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     return torch.empty((L, x2.shape[0]), dtype=ct, device=x.device).copy_(x2.t()).view(L, *x.shape[:-1])
 
 
-def _from_tm(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Time-major (L, batch, ...) -> a new contiguous (batch, ..., L) tensor in dtype."""
-    L = x.shape[0]
-    x2 = x.reshape(L, -1)
-    out = torch.empty((x2.shape[1], L), dtype=x.dtype, device=x.device).copy_(x2.t())
-    return out.view(*x.shape[1:], L).to(dtype)
+def _from_tm_into(out: torch.Tensor, xT: torch.Tensor) -> None:
+    """Time-major (L, rows...) -> out (rows..., L), a slice of one contiguous block (converts the dtype)."""
+    L = xT.shape[0]
+    out.view(-1, L).copy_(xT.reshape(L, -1).t())
 
 
 # State layout. The state of step t is kept as (batch, G, N, D/G): channel d = g * D/G + j sits at
@@ -102,23 +108,24 @@ def _delta(d_raw, softplus, need_grad=False):
 
 
 class _Scan:
-    """The time-major inputs of one call and the chunked forward / backward passes over them.
+    """The time-major inputs of one tile and the chunked forward / backward passes over them.
 
     xT, dT, zT: (L, batch, D) u, delta + delta_bias (before softplus) and z; At: (G, N, D/G) A in the
-    state layout; BT, CT: (L, batch, G, N); Dv: (D,) or None.
+    state layout; BT, CT: (L, batch, G, N); Dv: (D,) or None (batch, G and D those of the tile). T: the
+    chunk length; work: (2 T + 1, at least the tile's state size) (3 T + 1 for the backward).
     """
 
-    def __init__(self, xT, dT, zT, At, BT, CT, Dv, softplus):
+    def __init__(self, xT, dT, zT, At, BT, CT, Dv, softplus, T, work):
         self.xT, self.dT, self.zT, self.At, self.BT, self.CT, self.Dv = xT, dT, zT, At, BT, CT, Dv
         self.softplus = softplus
-        L, batch, dim = xT.shape
-        G, N, dg = At.shape
-        self.T = _chunk_len(L, batch, dim, N)
-        self.starts = range(0, L, self.T)
+        L, batch, _ = xT.shape
+        self.T = T
+        self.starts = range(0, L, T)
         self.At2 = At * LOG2E
-        # work buffers, reused by every chunk (cache-sized)
-        self.abuf = xT.new_empty(self.T, batch, G, N, dg)
-        self.hbuf = xT.new_empty(self.T + 1, batch, G, N, dg)
+        # work buffers, shared by all tiles and reused by every chunk: T decays, T + 1 states, T adjoints
+        shape = (work.shape[0], batch) + At.shape
+        bufs = work.view(-1)[:math.prod(shape)].view(shape)
+        self.abuf, self.hbuf, self.gbuf = bufs[:T], bufs[T:2 * T + 1], bufs[2 * T + 1:]
 
     def chunk(self, c, h0, need_grad=False):
         """Recompute chunk c from its entry state h0: returns (s, t, x, dt, sp_grad, dtx, a, h, y0)
@@ -137,12 +144,12 @@ class _Scan:
             y0 = torch.bmm(self.CT[s:s + t].view(m, 1, N), h[1:].view(m, N, dg)).view(x.shape)
         return s, t, x, dt, sp_grad, dtx, a, h, y0
 
-    def forward(self):
-        """Returns y (L, batch, D), the state entering every chunk (n_chunks, batch, G, N, D/G) and the
-        last state (batch, G, N, D/G)."""
+    def forward(self, states):
+        """Fills states (n_chunks, batch, G, N, D/G) with the state entering every chunk; returns y
+        (L, batch, D) and the last state (a view into the work buffer)."""
         yT = torch.empty_like(self.xT)
         n = len(self.starts)
-        states = self.hbuf.new_zeros((n,) + self.hbuf.shape[1:])  # states[0] = 0: the initial state
+        states[0].zero_()
         for c in range(n):
             s, t, x, _, _, _, _, h, y = self.chunk(c, states[c])
             if c + 1 < n:
@@ -152,12 +159,12 @@ class _Scan:
             if self.zT is not None:
                 y.mul_(F.silu(self.zT[s:s + t]))
             yT[s:s + t] = y
-        return yT, states, h[t].clone()
+        return yT, h[t]
 
     def backward(self, gyT, g_last, states):
         """gyT: (L, batch, D) gradient of y (overwritten); g_last: (batch, G, N, D/G) gradient of the last
-        state. Returns the gradients of u, delta (before softplus) and z, time-major (L, batch, D),
-        and of B, C (L, batch, G, N), A (D, N) and D (D,)."""
+        state, or None. Returns the gradients of u, delta (before softplus) and z, time-major (L, batch,
+        D), of B, C (L, batch, G, N), of A in the state layout (G, N, D/G) and of D (D,)."""
         At, BT, CT, Dv, zT = self.At, self.BT, self.CT, self.Dv, self.zT
         _, batch, dim = gyT.shape
         G, N, dg = At.shape
@@ -166,8 +173,8 @@ class _Scan:
         gB, gC = torch.empty_like(BT), torch.empty_like(CT)
         gAt = torch.zeros_like(At)
         gD = None if Dv is None else torch.zeros_like(Dv)
-        gbuf = torch.empty_like(self.abuf)
-        carry = g_last.clone()  # d loss / d h at the end of the current chunk, from later steps
+        # d loss / d h at the end of the current chunk, from later steps
+        carry = torch.zeros_like(self.hbuf[0]) if g_last is None else torch.empty_like(self.hbuf[0]).copy_(g_last)
         for c in reversed(range(len(self.starts))):
             s, t, x, dt, sp_grad, dtx, a, h, y = self.chunk(c, states[c], need_grad=True)
             m = t * batch * G
@@ -183,7 +190,7 @@ class _Scan:
             if Dv is not None:
                 gD.add_((gy * x).sum((0, 1)))
             # Adjoint: g[i] = d loss / d h_i = C_i * dy_i + a_{i+1} * g[i+1].
-            g = torch.mul(gy.view(t, batch, G, 1, dg), CT[s:s + t].unsqueeze(-1), out=gbuf[:t])
+            g = torch.mul(gy.view(t, batch, G, 1, dg), CT[s:s + t].unsqueeze(-1), out=self.gbuf[:t])
             g[t - 1].add_(carry)
             gs, as_ = g.unbind(0), a.unbind(0)
             for i in range(t - 2, -1, -1):
@@ -207,8 +214,30 @@ class _Scan:
             if sp_grad is not None:
                 gdt.mul_(sp_grad)
             gdT[s:s + t] = gdt
-        gA = gAt.transpose(1, 2).reshape(dim, N)
-        return gxT, gdT, gzT, gB, gC, gA, gD
+        return gxT, gdT, gzT, gB, gC, gAt, gD
+
+
+def _split(n: int, most: int) -> list[slice]:
+    """range(n) in the fewest runs of at most `most`, of near-equal lengths."""
+    size = -(-n // -(-n // most))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _plan(L, batch, G, N, dg, device=torch.device("cpu")):
+    """The chunk length T, the tiles and their most rows. Tiles are (batch slice, group slice) pairs
+    covering the (batch, group) rows of the state, R rows at most: runs of whole batch elements when
+    R >= G, else runs of groups of one batch element (so a tile's slice of every input is one
+    contiguous block per time step). On CPU a tile's state holds about TILE_ELEMS values per thread
+    (PyTorch splits an elementwise op of n values over min(threads, n / 32768) threads); a GPU runs
+    the whole state as one tile."""
+    fit = max(1, TILE_ELEMS * torch.get_num_threads() // (N * dg)) if device.type == "cpu" else batch * G
+    R = min(TILE_ROWS or fit, batch * G)
+    if R >= G:
+        tiles = [(bs, slice(0, G)) for bs in _split(batch, R // G)]
+    else:
+        tiles = [(slice(b, b + 1), gs) for b in range(batch) for gs in _split(G, R)]
+    rows = max((bs.stop - bs.start) * (gs.stop - gs.start) for bs, gs in tiles)
+    return _chunk_len(L, rows, N * dg), tiles, rows
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -217,20 +246,33 @@ class SelectiveScanFn(torch.autograd.Function):
         ct = compute_dtype(u.dtype)
         batch, dim, L = u.shape
         G = 1 if B.dim() == 3 else B.shape[1]
-        N = A.shape[1]
-        xT, dT = _to_tm(u, ct), _to_tm(delta, ct)  # (L, batch, D)
-        if delta_bias is not None:
-            dT += delta_bias.to(ct)
-        zT = None if z is None else _to_tm(z, ct)
-        At = A.to(ct).reshape(G, dim // G, N).transpose(1, 2).contiguous()
-        BT, CT = (_to_tm(X.unsqueeze(1) if X.dim() == 3 else X, ct) for X in (B, C))  # (L, batch, G, N)
+        N, dg = A.shape[1], dim // G
+        At = A.to(ct).reshape(G, dg, N).transpose(1, 2).contiguous()
+        B4, C4 = (X.unsqueeze(1) if X.dim() == 3 else X for X in (B, C))  # (batch, G, N, L)
         Dv = None if D is None else D.to(ct)
-        yT, states, last = _Scan(xT, dT, zT, At, BT, CT, Dv, delta_softplus).forward()
-        ctx.save_for_backward(xT, dT, zT, At, BT, CT, Dv, states)
+        bias = None if delta_bias is None else delta_bias.to(ct)
+        T, tiles, rows = _plan(L, batch, G, N, dg, u.device)
+        work = u.new_empty((2 * T + 1, rows * N * dg), dtype=ct)
+        states = u.new_empty((len(range(0, L, T)), batch, G, N, dg), dtype=ct)
+        last = u.new_empty((batch, G, N, dg), dtype=ct)
+        y = torch.empty_like(u, memory_format=torch.contiguous_format)
+        saved = []
+        for bs, gs in tiles:
+            cs = slice(gs.start * dg, gs.stop * dg)  # the tile's channels
+            xT, dT = _to_tm(u[bs, cs], ct), _to_tm(delta[bs, cs], ct)  # (L, batch, D) of the tile
+            if bias is not None:
+                dT += bias[cs]
+            zT = None if z is None else _to_tm(z[bs, cs], ct)
+            BT, CT = _to_tm(B4[bs, gs], ct), _to_tm(C4[bs, gs], ct)  # (L, batch, G, N)
+            scan = _Scan(xT, dT, zT, At[gs], BT, CT, None if Dv is None else Dv[cs], delta_softplus, T, work)
+            yT, last[bs, gs] = scan.forward(states[:, bs, gs])
+            _from_tm_into(y[bs, cs], yT)
+            saved += [xT, dT, zT, BT, CT]
+        ctx.save_for_backward(At, Dv, states, *saved)
+        ctx.plan = (T, tiles, rows)
         ctx.softplus = delta_softplus
-        ctx.meta = ((B.dim(), C.dim()), [None if t is None else t.dtype
-                                         for t in (u, delta, A, B, C, D, z, delta_bias)])
-        y = _from_tm(yT, u.dtype)
+        ctx.meta = ([X.dim() for X in (B, C)], [None if t is None else t.dtype
+                                                for t in (u, delta, A, B, C, D, z, delta_bias)])
         if not return_last_state:
             return y
         return y, last.transpose(2, 3).reshape(batch, dim, N)
@@ -238,23 +280,41 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, g_last=None):
-        xT, dT, zT, At, BT, CT, Dv, states = ctx.saved_tensors
+        At, Dv, states, *saved = ctx.saved_tensors
+        T, tiles, rows = ctx.plan
         bc_dims, dtypes = ctx.meta
-        ct = xT.dtype
-        _, batch, dim = xT.shape
+        ct = At.dtype
         G, N, dg = At.shape
-        if g_last is None:
-            g_last = states.new_zeros(states.shape[1:])
-        else:
+        batch, dim, L = states.shape[1], G * dg, saved[0].shape[0]
+        if g_last is not None:
             g_last = g_last.to(ct).reshape(batch, G, dg, N).transpose(2, 3)
-        scan = _Scan(xT, dT, zT, At, BT, CT, Dv, ctx.softplus)
-        gxT, gdT, gzT, gB, gC, gA, gD = scan.backward(_to_tm(gy, ct), g_last, states)
-        g_bias = None if dtypes[7] is None else gdT.sum((0, 1))
-        # (batch, G, N, L), or (batch, N, L) for an ungrouped B or C
-        gB, gC = (_from_tm(g, dtype).squeeze(1) if ndim == 3 else _from_tm(g, dtype)
-                  for g, dtype, ndim in zip((gB, gC), dtypes[3:5], bc_dims))
-        grads = [_from_tm(gxT, dtypes[0]), _from_tm(gdT, dtypes[1]), gA, gB, gC, gD,
-                 None if gzT is None else _from_tm(gzT, dtypes[6]), g_bias]
+        new = lambda *shape, i: gy.new_empty(shape, dtype=dtypes[i])  # noqa: E731
+        gu, gdelta = new(batch, dim, L, i=0), new(batch, dim, L, i=1)
+        gz = None if dtypes[6] is None else new(batch, dim, L, i=6)
+        gB, gC = new(batch, G, N, L, i=3), new(batch, G, N, L, i=4)
+        gAt = torch.zeros_like(At)
+        gD = None if Dv is None else torch.zeros_like(Dv)
+        g_bias = None if dtypes[7] is None else At.new_zeros(dim)
+        work = At.new_empty((3 * T + 1, rows * N * dg))
+        for i, (bs, gs) in enumerate(tiles):
+            cs = slice(gs.start * dg, gs.stop * dg)
+            xT, dT, zT, BT, CT = saved[5 * i:5 * i + 5]
+            scan = _Scan(xT, dT, zT, At[gs], BT, CT, None if Dv is None else Dv[cs], ctx.softplus, T, work)
+            gxT, gdT, gzT, gBT, gCT, gAt_t, gD_t = scan.backward(
+                _to_tm(gy[bs, cs], ct), None if g_last is None else g_last[bs, gs], states[:, bs, gs])
+            for out, g in ((gu[bs, cs], gxT), (gdelta[bs, cs], gdT), (gB[bs, gs], gBT), (gC[bs, gs], gCT)):
+                _from_tm_into(out, g)
+            if gz is not None:
+                _from_tm_into(gz[bs, cs], gzT)
+            gAt[gs] += gAt_t
+            if gD is not None:
+                gD[cs] += gD_t
+            if g_bias is not None:
+                g_bias[cs] += gdT.sum((0, 1))
+        # (batch, N, L) for an ungrouped B or C
+        gB, gC = (g.squeeze(1) if ndim == 3 else g for g, ndim in zip((gB, gC), bc_dims))
+        gA = gAt.transpose(1, 2).reshape(dim, N)
+        grads = [gu, gdelta, gA, gB, gC, gD, gz, g_bias]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
         return (*grads, None, None)
 

@@ -223,3 +223,60 @@ def test_bad_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend: 'triton' needs (CUDA tensors \(got cpu\)|the triton package)"):
         selective_scan(**x, backend="triton")
+
+
+# (batch, groups, tile rows): tiles of whole batch elements with a short last one (3 x 2 rows in tiles
+# of 2 + 1 batch elements), runs of groups within a batch element with a short last one (groups 2 + 1),
+# one row per tile, and an ungrouped B/C (batch 2 + 1, and one row per tile).
+TILE_CASES = [(3, 2, 4), (2, 3, 2), (2, 4, 1), (3, None, 2), (3, None, 1)]
+
+
+@pytest.mark.parametrize("batch,groups,rows", TILE_CASES)
+def test_tiles_match_ref(batch, groups, rows, monkeypatch):
+    """Forced small tiles (and 4-step chunks, so every tile runs several): y, the last state and every
+    gradient against the reference, whose scan is untiled."""
+    monkeypatch.setattr(scan_torch, "TILE_ROWS", rows)
+    monkeypatch.setattr(scan_torch, "CHUNK", 4)
+    G = groups or 1
+    T, tiles, _ = scan_torch._plan(9, batch, G, 3, 12 // G)
+    assert len(tiles) > 1 and T == 4
+    x = make_inputs(batch, 12, 9, 3, groups, seed=batch + G + rows)
+    outs = scan(x, ALL_OPTS, True, "torch", return_last=True)
+    want_outs = scan(x, ALL_OPTS, True, "ref", return_last=True)
+    for o, w, name in zip(outs, want_outs, ("y", "last state")):
+        torch.testing.assert_close(o, w, rtol=RTOL, atol=ATOL, msg=name)
+    got, want = grads(outs, x), grads(want_outs, x)
+    for name in NAMES:
+        assert got[name].shape == x[name].shape, name
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_tiles_gradcheck(monkeypatch):
+    monkeypatch.setattr(scan_torch, "TILE_ROWS", 2)  # 2 x 3 rows: groups 0-1 and 2 of each batch element
+    monkeypatch.setattr(scan_torch, "CHUNK", 3)
+    x = make_inputs(2, 3, 5, 2, 3, seed=7, dtype=torch.float64)
+
+    def f(*args):
+        return selective_scan(*args, delta_softplus=True, return_last_state=True, backend="torch")
+
+    assert torch.autograd.gradcheck(f, tuple(x[n] for n in NAMES))
+
+
+@pytest.mark.parametrize("L,batch,G,N,dg", [(196, 8, 8, 16, 256), (196, 2, 8, 16, 256), (196, 8, 1, 16, 256),
+                                             (1024, 2, 1, 16, 384), (37, 3, 4, 16, 8192), (5, 1, 2, 2, 2)])
+def test_plan_tiles_cover_every_row_once(L, batch, G, N, dg):
+    """The default CPU tiling: every (batch, group) row in exactly one tile, each tile at most the larger
+    of one row and TILE_ELEMS state values per thread (so a big batch x groups state is split), each in
+    one contiguous block of every input per time step (whole batch elements, or groups of one)."""
+    most = scan_torch.TILE_ELEMS * torch.get_num_threads()
+    T, tiles, max_rows = scan_torch._plan(L, batch, G, N, dg)
+    assert 1 <= T <= L
+    seen = torch.zeros(batch, G, dtype=torch.long)
+    for bs, gs in tiles:
+        seen[bs, gs] += 1
+        rows = (bs.stop - bs.start) * (gs.stop - gs.start)
+        assert rows <= max_rows and rows * N * dg <= max(N * dg, most)
+        assert bs.stop - bs.start == 1 or (gs.start, gs.stop) == (0, G)
+    assert torch.all(seen == 1)
+    assert (len(tiles) > 1) == (batch * G * N * dg > most)
+    assert len(scan_torch._plan(L, batch, G, N, dg, torch.device("meta"))[1]) == 1  # not on a GPU
