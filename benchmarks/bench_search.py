@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nas import config as cfglib  # noqa: E402
+from nas.data import build_datasets, build_loader  # noqa: E402
 from nas.engine.distributed import DistEnv  # noqa: E402
 from nas.engine.loop import train_one_epoch  # noqa: E402
 from nas.engine.run_log import ProgressBar  # noqa: E402
@@ -60,10 +61,8 @@ def measure(space: str, strategy: str, k: int, device: str, batch: int | None, s
     if device == "cuda":
         num_classes = 1000
         data = RandomImages(train["batch_size"] * steps, cfg["img_size"], num_classes)
-        from nas.data import build_loader
         loader = build_loader(data, train["batch_size"], True, 4, 0)
     else:
-        from nas.data import build_datasets, build_loader
         bundle = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
         num_classes, loader = bundle.num_classes, build_loader(bundle.train, train["batch_size"], True, 0, 0)
     model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=num_classes, **cfg["model_args"])

@@ -1,6 +1,8 @@
 """Figures of a search: the layers x directions heatmap of softmax(alpha) with the kept directions marked."""
 from __future__ import annotations
 
+import itertools
+
 import matplotlib
 import matplotlib.ticker
 
@@ -8,7 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nas.ops import DIRECTIONS  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+
+from nas.ops import DIRECTIONS, scan_order  # noqa: E402
+
+
+def stage_ends(depths) -> list[int] | None:
+    """Layer counts at which each stage of a hierarchical model ends ([2, 2, 9, 2] -> [2, 4, 13, 15]); None
+    for plain models (no depths)."""
+    return list(itertools.accumulate(depths)) if depths else None
 
 
 def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_ends=None):
@@ -77,15 +87,12 @@ def alpha_history_figure(epochs: list[dict], title: str = "softmax(alpha) over t
 def scan_orders_figure(H: int = 14, W: int = 14):
     """The 8 candidate scans drawn on an H x W token grid: the path through the token centres, coloured from
     its first token (dark) to its last (yellow), a circle at the start and an arrow at the end."""
-    from nas.ops import scan_order
-
     fig, axes = plt.subplots(2, 4, figsize=(13, 7))
     for ax, name in zip(axes.flat, DIRECTIONS):
         order = scan_order(name, H, W)
         order = order[order >= 0].numpy()  # pad tokens hold no image content
         ys, xs = order // W, order % W
         segments = np.stack([np.stack([xs[:-1], ys[:-1]], 1), np.stack([xs[1:], ys[1:]], 1)], 1)
-        from matplotlib.collections import LineCollection
         lines = LineCollection(segments, cmap="viridis", linewidths=1.6)
         lines.set_array(np.arange(len(segments)))
         ax.add_collection(lines)

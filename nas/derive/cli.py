@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+import yaml
+
 from nas import config as cfglib
 from nas.derive.export import DeriveError, draw_figures, format_table, make_arch, python_literal, read_run, write_arch
 from nas.derive.retrain import RETRAIN_DEFAULTS, retrain_config, run_retrain
@@ -52,8 +54,6 @@ def derive(run_dir: str, k: int, quiet: bool = False) -> tuple[dict, str]:
 
 def load_arch(arch_path: str) -> dict:
     """An arch file as the retraining reads it, checked against its model before any training."""
-    import yaml
-
     with open(arch_path) as f:
         arch = yaml.safe_load(f)
     if not isinstance(arch, dict) or "model" not in arch:

@@ -18,7 +18,7 @@ from nas.engine import checkpoint
 from nas.models import derive_directions
 from nas.models.registry import model_spec
 from nas.ops import DIRECTIONS
-from nas.viz import alpha_heatmap, alpha_history_figure, save_figure, scan_orders_figure
+from nas.viz import alpha_heatmap, alpha_history_figure, save_figure, scan_orders_figure, stage_ends
 
 # create_model options of a search run that describe the architecture (not training-only settings)
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "dims", "depths", "d_state", "expand", "ssm_ratio", "scattn",
@@ -111,17 +111,6 @@ def python_literal(arch: dict) -> str:
     return f"directions = [\n{lines},\n]"
 
 
-def stage_ends_of(arch: dict) -> list[int] | None:
-    depths = arch["model_args"].get("depths") or model_spec(arch["model"]).defaults.get("depths")
-    if not depths:
-        return None
-    ends, total = [], 0
-    for d in depths:
-        total += d
-        ends.append(total)
-    return ends
-
-
 def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
     """alphas.png, alpha_history.png (when the run kept a history) and scan_orders.png under figures/,
     also added to the run's TensorBoard log. Returns the PNG paths."""
@@ -131,7 +120,8 @@ def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     figures = {"alphas": alpha_heatmap(arch["probs"], arch["directions"],
                                        f"softmax(alpha): {arch['model']}, kept top-{arch['k']} boxed",
-                                       stage_ends_of(arch)),
+                                       stage_ends(arch["model_args"].get("depths")
+                                                  or model_spec(arch["model"]).defaults.get("depths"))),
                "scan_orders": scan_orders_figure()}
     if history is not None:
         figures["alpha_history"] = alpha_history_figure(history["epochs"])

@@ -22,6 +22,7 @@ from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
 from nas.engine.run_log import RunLogger
 from nas.models import create_model, derived_from_supernet
+from nas.models.arch import read_arch_file
 from nas.search.strategies import build_optimizers
 
 RETRAIN_DEFAULTS = {
@@ -86,7 +87,6 @@ def build_model(cfg: dict, num_classes: int):
     last = os.path.join(cfg["source"], "last.pt")
     if not os.path.isfile(last):
         raise DeriveError(f"--inherit: the search run {cfg['source']!r} holds no last.pt to inherit from")
-    from nas.models.arch import read_arch_file
     return derived_from_supernet(checkpoint.load(last)["model"], cfg["model"], read_arch_file(cfg["arch"]), **args)
 
 

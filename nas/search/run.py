@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import os
 import sys
 
@@ -23,6 +22,7 @@ from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run
 from nas.engine.loop import TRAIN_DEFAULTS, NonFiniteLoss, fit
 from nas.engine.run_log import RunLogger
 from nas.models import arch_parameters, create_model, derive_directions, is_search_model
+from nas.viz import stage_ends
 from nas.search.strategies import STRATEGY_DEFAULTS, SearchTask, build_optimizers, check_strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,12 +103,6 @@ def resolve_config(args, rest) -> tuple[dict, str]:
     return cfg, out
 
 
-def stage_ends(model) -> list[int] | None:
-    """Layer counts at which a LocalVMamba stage ends (for the heatmap); None for plain models."""
-    depths = getattr(model, "depths", None)
-    return list(itertools.accumulate(depths)) if depths else None
-
-
 def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
     """Run (or resume) a search; returns {"record": last epoch's log line, "directions": the top-k lists,
     "alphas": (layers, 8, 1, 1, 1) tensor}."""
@@ -144,7 +138,7 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
         cfglib.save(cfg, os.path.join(out, "config.yaml"))
         logger.info(f"search {cfg['model']} ({strategy['name']}) on {data.summary()}; writing to {out}")
     task = SearchTask(model, train_model, optimizer, strategy, alpha_opt, heldout, logger, out, train, cfg["seed"],
-                      stage_ends(model))
+                      stage_ends(model.config.get("depths")))
     try:
         record = fit(task, model, train_model, optimizer, loaders["train"], loaders["val"], train, env, logger, out,
                      last_checkpoint(out), on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})

@@ -123,3 +123,20 @@ def test_two_process_gloo_run_keeps_alpha_identical(tmp_path):
     torch.testing.assert_close(a0, a1, rtol=0, atol=0)
     assert a0.abs().max() > 1e-2  # alpha did train
     torch.testing.assert_close(alphas_of(out), a0, rtol=0, atol=0)  # rank 0 wrote the checkpoint
+
+
+def test_hierarchical_search_heatmap_knows_its_stages(tmp_path, monkeypatch):
+    seen = {}
+    import nas.search.alphas as alphas_module
+    real = alphas_module.alpha_heatmap
+
+    def spy(probs, kept, title, stage_ends=None):
+        seen["stage_ends"] = stage_ends
+        return real(probs, kept, title, stage_ends)
+
+    monkeypatch.setattr(alphas_module, "alpha_heatmap", spy)
+    out = str(tmp_path / "vssm")
+    assert main(["-c", DEMO, "--model", "local_vssm_demo_search", "--out", out, "--epochs", "1",
+                 "--data.images_per_class", "6", "--train.batch_size", "20", "--log.progress", "false",
+                 "--train.warmup_epochs", "0"]) == 0
+    assert seen["stage_ends"] == [1, 3, 4]  # local_vssm_demo: depths [1, 2, 1]
