@@ -13,7 +13,10 @@ CUDA (--device cuda): one layer's K directions on a 14 x 14 grid, inputs in rast
   (d) the torch backend (gather, one grouped scan, scatter);
 at the search shape (batch 128, d_inner 256, 8 directions) and the derived shape (d_inner 384, 4
 directions), bf16 and fp32; plus the floor: max(bytes that must move / measured copy bandwidth,
-exponentials / measured exp2 throughput).
+exponentials / measured exp2 throughput). --configs adds fused launch configs to the table.
+
+--device interpret runs the CUDA path on CPU under TRITON_INTERPRET=1 at tiny sizes: a check of this script
+(tests run it), not a measurement.
 
 Prints a table and writes a JSON record (device, versions, results) to benchmarks/results/.
 """
@@ -128,30 +131,44 @@ def run_cpu(args):
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
+# The same code runs with --device interpret: on CPU under TRITON_INTERPRET=1, at tiny sizes, so that
+# tests can run this script's GPU path end to end. Its numbers measure nothing.
 
-def cuda_time_ms(fn, warmup=3, reps=10):
+GRID = {"cuda": (14, 14), "interpret": (7, 7)}  # 7 x 7 still pads the 2 x 2 windows
+SIZES = {"cuda": {"search": 256, "derived": 384, "N": 16}, "interpret": {"search": 4, "derived": 6, "N": 4}}
+
+
+def gpu_time_ms(fn, device, warmup=3, reps=10):
+    """Median time of fn() in ms: CUDA events on a GPU, the wall clock under the interpreter."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
-def measure_ceilings():
+def measure_ceilings(device):
     """Device-to-device copy bandwidth (bytes read + written) and exp2 throughput of the GPU."""
     import triton
     import triton.language as tl
 
-    src = torch.randn(512 * 2**20 // 4 * 4, device="cuda")  # 2 GiB
+    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    src = torch.randn(512 * 2**20 if device == "cuda" else 2**20, device=tensor_dev)  # 2 GiB on a GPU
     dst = torch.empty_like(src)
-    copy_ms = cuda_time_ms(lambda: dst.copy_(src), reps=20)
+    copy_ms = gpu_time_ms(lambda: dst.copy_(src), device, reps=20)
     bandwidth = 2 * src.numel() * 4 / (copy_ms * 1e-3)
 
     @triton.jit
@@ -164,10 +181,11 @@ def measure_ceilings():
             acc += x
         tl.store(out_ptr + offs, acc)
 
-    n, iters, block = 132 * 2048 * 16, 512, 1024
-    x = torch.rand(n, device="cuda")
+    n, iters, block = (132 * 2048 * 16, 512, 1024) if device == "cuda" else (256, 4, 128)
+    x = torch.rand(n, device=tensor_dev)
     out = torch.empty_like(x)
-    exp_ms = cuda_time_ms(lambda: exp_kernel[(n // block,)](x, out, ITERS=iters, BLOCK=block, num_warps=4), reps=10)
+    exp_ms = gpu_time_ms(lambda: exp_kernel[(n // block,)](x, out, ITERS=iters, BLOCK=block, num_warps=4), device,
+                         reps=10)
     return {"copy_bytes_per_s": bandwidth, "exp2_per_s": n * iters / (exp_ms * 1e-3)}
 
 
@@ -210,9 +228,9 @@ def load_mamba(src):
         return None
 
 
-def layer_inputs(batch, K, dim, N, L, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device="cuda", dtype=dt)  # noqa: E731
+def layer_inputs(batch, K, dim, N, L, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device, dtype=dt)  # noqa: E731
     return dict(u=r(batch, K, dim, L), delta=0.5 * r(batch, K, dim, L), A=-torch.exp(0.5 * r(K, dim, N, dt=torch.float32)),
                 B=r(batch, K, N, L), C=r(batch, K, N, L), D=r(K, dim, dt=torch.float32), z=r(batch, K, dim, L),
                 delta_bias=0.3 * r(K, dim, dt=torch.float32))
@@ -260,18 +278,28 @@ def rel_err(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def check_correctness(dtypes, batch=2):
+def layer_cases(device, batch):
+    """(case, batch, directions, d_inner, N) of the two layer shapes; tiny ones under the interpreter."""
+    sizes = SIZES[device]
+    return [("search", batch, SEARCH_DIRECTIONS, sizes["search"], sizes["N"]),
+            ("derived", batch, DERIVED_DIRECTIONS, sizes["derived"], sizes["N"])]
+
+
+def check_correctness(device, dtypes, batch=2):
     """Fused kernel vs the float64 sequential reference at the benchmark's layer shapes: ||a-r|| / ||r||."""
     from nas.ops.multi_scan import multi_direction_scan_torch
 
+    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    H, W = GRID[device]
     out = []
-    for case, dirs, dim in (("search", SEARCH_DIRECTIONS, 256), ("derived", DERIVED_DIRECTIONS, 384)):
-        idx = scan_orders(dirs, 14, 14, "cuda")
+    for case, _, dirs, dim, N in layer_cases(device, batch):
+        idx = scan_orders(dirs, H, W, tensor_dev)
         for dname in dtypes:
-            x = {k: v.requires_grad_() for k, v in layer_inputs(batch, len(dirs), dim, 16, 196, DTYPES[dname], seed=1).items()}
+            x = {k: v.requires_grad_() for k, v in
+                 layer_inputs(batch, len(dirs), dim, N, H * W, DTYPES[dname], tensor_dev, seed=1).items()}
             x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
             order = list(x)
-            dy = torch.randn(batch, len(dirs), dim, 196, device="cuda", dtype=DTYPES[dname])
+            dy = torch.randn(batch, len(dirs), dim, H * W, device=tensor_dev, dtype=DTYPES[dname])
             y = multi_direction_scan(*(x[k] for k in order), True, index=idx, backend="triton")
             y_ref = multi_direction_scan_torch(*(x64[k] for k in order), True, index=idx, backend="ref")
             grads = torch.autograd.grad(y, [x[k] for k in order], dy)
@@ -282,22 +310,25 @@ def check_correctness(dtypes, batch=2):
     return out
 
 
-def run_cuda(args):
-    correctness = check_correctness(args.dtypes)
-    ceilings = measure_ceilings()
+def run_gpu(args):
+    device = args.device
+    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    correctness = check_correctness(device, args.dtypes)
+    ceilings = measure_ceilings(device)
     print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceilings['exp2_per_s'] / 1e12:.2f} T/s")
     mamba_fn = load_mamba(args.mamba_src)
-    H = W = 14
+    H, W = GRID[device]
     L = H * W
-    cases = [("search", args.batch, SEARCH_DIRECTIONS, 256), ("derived", args.batch, DERIVED_DIRECTIONS, 384)]
+    cases = layer_cases(device, args.batch)
     configs = [None] + [tuple(int(v) for v in c.split("x")) for c in args.configs]
+    warmup = 3 if device == "cuda" else 0  # nothing to warm up in the interpreter
     rows = []
-    for case, batch, dirs, dim in cases:
-        idx = scan_orders(dirs, H, W, "cuda")
+    for case, batch, dirs, dim, N in cases:
+        idx = scan_orders(dirs, H, W, tensor_dev)
         for dname in args.dtypes:
             dtype = DTYPES[dname]
-            x = layer_inputs(batch, len(dirs), dim, 16, L, dtype)
-            dy = torch.randn(batch, len(dirs), dim, L, device="cuda", dtype=dtype)
+            x = layer_inputs(batch, len(dirs), dim, N, L, dtype, tensor_dev)
+            dy = torch.randn(batch, len(dirs), dim, L, device=tensor_dev, dtype=dtype)
             for config in configs:
                 for vname, fn in cuda_variants(mamba_fn, config).items():
                     if config is not None and vname != "a_fused_triton":
@@ -311,23 +342,16 @@ def run_cuda(args):
                             else:
                                 xs = {k: v.detach().requires_grad_() for k, v in x.items()}
                                 fn(xs, idx, dirs, H, W).backward(dy)
-                        try:
-                            torch.cuda.reset_peak_memory_stats()
-                            base = torch.cuda.memory_allocated()
-                            ms = cuda_time_ms(step, reps=args.reps)
-                            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                        except torch.cuda.OutOfMemoryError:
-                            ms, peak = float("nan"), float("nan")
-                            torch.cuda.empty_cache()
-                        fl = floor_ms(batch, len(dirs), dim, 16, L, dtype.itemsize, mode, ceilings)
-                        rows.append({"case": case, "batch": batch, "K": len(dirs), "d_inner": dim, "N": 16, "L": L,
+                        ms, peak = gpu_time_and_peak(step, device, warmup, args.reps)
+                        fl = floor_ms(batch, len(dirs), dim, N, L, dtype.itemsize, mode, ceilings)
+                        rows.append({"case": case, "batch": batch, "K": len(dirs), "d_inner": dim, "N": N, "L": L,
                                      "dtype": dname, "variant": label, "mode": mode, "ms": ms, "peak_mib": peak, **fl,
                                      "floor_fraction": fl["floor_ms"] / ms})
                         print(f"{case:8s} {dname:5s} {label:26s} {mode:7s} {ms:9.3f} ms  peak {peak:9.1f} MiB  "
                               f"floor {fl['floor_ms']:.3f} ms ({100 * fl['floor_ms'] / ms:5.1f}%)", flush=True)
-    print("\nratios (c / a, fwd+bwd unless noted):")
+    print("\nratios (variant / a):")
     ratios = []
-    for case, _, _, _ in cases:
+    for case, *_ in cases:
         for dname in args.dtypes:
             for mode in ("fwd", "fwdbwd"):
                 pick = {r["variant"]: r["ms"] for r in rows if r["case"] == case and r["dtype"] == dname and r["mode"] == mode}
@@ -340,10 +364,26 @@ def run_cuda(args):
             "mamba_available": mamba_fn is not None}
 
 
+def gpu_time_and_peak(step, device, warmup, reps):
+    """(median ms, peak MiB above the memory in use before) of step(); NaNs when it runs out of GPU memory.
+    The interpreter's peak is not tracked (NaN)."""
+    if device != "cuda":
+        return gpu_time_ms(step, device, warmup, reps), float("nan")
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = gpu_time_ms(step, device, warmup, reps)
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan"), float("nan")
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda", "interpret"), default="cpu",
+                   help="interpret: the CUDA benchmark's code at tiny sizes on CPU under TRITON_INTERPRET=1 "
+                        "(checks this script; its numbers measure nothing)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--batch", type=int, default=128, help="CUDA: batch size of both shapes")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
@@ -361,9 +401,11 @@ def main():
     if args.build_mamba_only:
         build_mamba_extension(args.mamba_src)
         return
+    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
     env = environment(args.device)
-    results = run_cuda(args) if args.device == "cuda" else run_cpu(args)
-    tag = env["device_name"].replace(" ", "_") if args.device == "cuda" else "cpu"
+    results = run_cpu(args) if args.device == "cpu" else run_gpu(args)
+    tag = env["device_name"].replace(" ", "_") if args.device == "cuda" else args.device
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_scan_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "bench_scan", "device": args.device, "environment": env,
