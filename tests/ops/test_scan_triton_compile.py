@@ -1,6 +1,6 @@
-"""The Triton kernels compile for sm_90 (Hopper) with the ptxas inside the triton wheel, no GPU needed,
-and the default launch configs fit in registers (no spill stack). The interpreter tests check what the
-kernels compute; only these check that the real compiler accepts them."""
+"""The Triton kernels compile for sm_90 (Hopper) and sm_80 with the ptxas inside the triton wheel, no GPU
+needed, and the default launch configs fit in registers (no spill stack). The interpreter tests check what
+the kernels compute; only these check that the real compiler accepts them."""
 import os
 
 import pytest
@@ -29,6 +29,11 @@ def test_default_launch_configs_compile_for_sm90_without_spills(io_dtype, N, Dg,
         usage = res[kernel]
         assert 0 < usage["registers"] <= 255, (kernel, usage)
         assert usage["stack_bytes"] == 0 and usage["local_bytes"] == 0, (kernel, res["config"], usage)
+
+
+def test_search_layer_compiles_for_sm80_without_spills():  # A100s run searches too
+    res = triton_aot.kernel_resources(torch.bfloat16, N=16, Dg=256, S=196, index=True, arch=80)
+    assert all(res[k]["stack_bytes"] == 0 and 0 < res[k]["registers"] <= 255 for k in ("forward", "backward")), res
 
 
 def test_unsupported_dtype_is_a_clear_error():
