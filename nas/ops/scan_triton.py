@@ -258,6 +258,7 @@ class _TritonScan(torch.autograd.Function):
         last = torch.empty((batch, G * Dg, N) if return_last else (1,), device=u.device, dtype=torch.float32)
         dummy = A2
         grid = (triton.cdiv(Dg, block_d), batch * G)
+        # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
         _scan_fwd_kernel[grid](
             u, delta, z if z is not None else dummy, y, A2, B, C, Dv32 if Dv32 is not None else dummy,
             bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt, last,
@@ -265,7 +266,8 @@ class _TritonScan(torch.autograd.Function):
             *_strides4(B), *_strides4(C),
             N=N, NP=NP, BLOCK_D=block_d, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-            SAVE_CKPT=need_grad, SAVE_LAST=bool(return_last), num_warps=warps)
+            SAVE_CKPT=need_grad, SAVE_LAST=bool(return_last), num_warps=warps,
+            enable_fp_fusion=True)
         ctx.save_for_backward(u, delta, A2, B, C, Dv32, z, bias32, index, ckpt)
         ctx.meta = (softplus, S, block_d, T, warps, n_chunks, A.dtype, None if Dv is None else Dv.dtype,
                     None if delta_bias is None else delta_bias.dtype)
@@ -300,7 +302,8 @@ class _TritonScan(torch.autograd.Function):
             *_strides4(B), *_strides4(C),
             N=N, NP=triton.next_power_of_2(N), BLOCK_D=block_d, T=T, HAS_D=Dv32 is not None,
             HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=bool(softplus),
-            HAS_INDEX=index is not None, ATOMIC_BC=n_dblocks > 1, num_warps=warps)
+            HAS_INDEX=index is not None, ATOMIC_BC=n_dblocks > 1, num_warps=warps,
+            enable_fp_fusion=True)
         dA = dA.sum(0).to(A_dtype)
         dD = dD.sum(0).to(D_dtype) if dD is not None else None
         dbias = dbias.sum(0).to(bias_dtype) if dbias is not None else None
