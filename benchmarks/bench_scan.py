@@ -134,6 +134,7 @@ def run_cpu(args):
 # The same code runs with --device interpret: on CPU under TRITON_INTERPRET=1, at tiny sizes, so that
 # tests can run this script's GPU path end to end. Its numbers measure nothing.
 
+TENSOR_DEVICE = {"cuda": "cuda", "interpret": "cpu"}
 GRID = {"cuda": (14, 14), "interpret": (7, 7)}  # 7 x 7 still pads the 2 x 2 windows
 SIZES = {"cuda": {"search": 256, "derived": 384, "N": 16}, "interpret": {"search": 4, "derived": 6, "N": 4}}
 
@@ -165,7 +166,7 @@ def measure_ceilings(device):
     import triton
     import triton.language as tl
 
-    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    tensor_dev = TENSOR_DEVICE[device]
     src = torch.randn(512 * 2**20 if device == "cuda" else 2**20, device=tensor_dev)  # 2 GiB on a GPU
     dst = torch.empty_like(src)
     copy_ms = gpu_time_ms(lambda: dst.copy_(src), device, reps=20)
@@ -289,7 +290,7 @@ def check_correctness(device, dtypes, batch=2):
     """Fused kernel vs the float64 sequential reference at the benchmark's layer shapes: ||a-r|| / ||r||."""
     from nas.ops.multi_scan import multi_direction_scan_torch
 
-    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    tensor_dev = TENSOR_DEVICE[device]
     H, W = GRID[device]
     out = []
     for case, _, dirs, dim, N in layer_cases(device, batch):
@@ -312,7 +313,7 @@ def check_correctness(device, dtypes, batch=2):
 
 def run_gpu(args):
     device = args.device
-    tensor_dev = "cuda" if device == "cuda" else "cpu"
+    tensor_dev = TENSOR_DEVICE[device]
     correctness = check_correctness(device, args.dtypes)
     ceilings = measure_ceilings(device)
     print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceilings['exp2_per_s'] / 1e12:.2f} T/s")
