@@ -28,11 +28,13 @@ _IO_POINTERS = {"u_ptr", "dt_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dy_ptr",
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def toolchain_available() -> bool:
-    """Whether triton's bundled NVIDIA tools (ptxas, cuobjdump) are present, as in the Linux wheels."""
+def toolchain_available(arch: int = 90) -> bool:
+    """Whether triton's bundled NVIDIA tools for sm_<arch> (its ptxas, and cuobjdump) are present, as in the
+    Linux wheels."""
     try:
         from triton import knobs
-        return Path(knobs.nvidia.ptxas.path).exists() and Path(knobs.nvidia.cuobjdump.path).exists()
+        from triton.backends.nvidia.compiler import get_ptxas
+        return Path(get_ptxas(arch).path).exists() and Path(knobs.nvidia.cuobjdump.path).exists()
     except Exception:  # noqa: BLE001 - a triton without the NVIDIA backend or its binaries
         return False
 

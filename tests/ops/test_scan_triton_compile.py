@@ -33,7 +33,7 @@ def test_default_launch_configs_compile_for_sm90_without_spills(io_dtype, N, Dg,
         assert usage["stack_bytes"] == 0 and usage["local_bytes"] == 0, (kernel, res["config"], usage)
 
 
-@needs_toolchain
+@pytest.mark.skipif(not triton_aot.toolchain_available(80), reason="triton's bundled ptxas for sm_80 is missing")
 def test_search_layer_compiles_for_sm80_without_spills():  # A100s run searches too
     res = triton_aot.kernel_resources(torch.bfloat16, N=16, Dg=256, S=196, index=True, arch=80)
     assert all(res[k]["stack_bytes"] == 0 and 0 < res[k]["registers"] <= 255 for k in ("forward", "backward")), res
