@@ -54,7 +54,7 @@ def main():
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer, e.g. 90 for sm_90")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_resources_sm<arch>.json)")
     args = p.parse_args()
-    if not toolchain_available():
+    if not toolchain_available(args.arch):
         sys.exit("kernel_resources: triton's bundled ptxas/cuobjdump are missing (install the Linux triton wheel)")
     from triton.backends.nvidia.compiler import get_ptxas
 

@@ -219,15 +219,15 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
         tl.store(dbias_ptr + part, dbias_acc, mask=mask_d)
 
 
-# Widest channel tile (BLOCK_D) per padded d_state at T = 16 and 4 warps for which both kernels compile for
-# sm_90 without register spills (read from the cubins by benchmarks/kernel_resources.py; one step wider
-# spills or sits at the 255-register limit). tests/ops/test_scan_triton_compile.py keeps it true.
+# Channel tile (BLOCK_D) per padded d_state at T = 16 and 4 warps: both kernels compile for sm_90 without
+# register spills, and one step wider spills or sits at the 255-register limit (read from the cubins by
+# benchmarks/kernel_resources.py). tests/ops/test_scan_triton_compile.py keeps the first part true.
 _BLOCK_D_BY_NP = {1: 32, 2: 32, 4: 16, 8: 8, 16: 8, 32: 2, 64: 1}
 
 
 def launch_config(Dg: int, N: int, S: int, interpret: bool):
-    """(BLOCK_D, T, num_warps): fixed heuristics, no autotuning. On a GPU: chunks of 16 steps and the widest
-    channel tile that compiles without register spills (a static criterion; not yet timed on a GPU)."""
+    """(BLOCK_D, T, num_warps): fixed heuristics, no autotuning. On a GPU: chunks of 16 steps and the channel
+    tile of _BLOCK_D_BY_NP, chosen against register spills (a static criterion; not yet timed on a GPU)."""
     if interpret:  # every element of a scan is a Python call in the interpreter: keep tiles tiny
         return min(4, triton.next_power_of_2(Dg)), min(8, triton.next_power_of_2(S)), 1
     T = min(16, triton.next_power_of_2(S))

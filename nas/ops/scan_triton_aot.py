@@ -39,7 +39,7 @@ def toolchain_available(arch: int = 90) -> bool:
         return False
 
 
-def _signature(fn, constexprs: dict, io_dtype: torch.dtype, present: set[str]):
+def _signature(fn, constexprs: dict, io_dtype: torch.dtype, index: bool, z: bool):
     """The types and alignment facts the runtime would specialize a launch on (all ints stay i32:
     the kernels mark them do_not_specialize). Absent optional inputs are the fp32 A2 stand-in."""
     signature, attrs = {}, {}
@@ -47,9 +47,9 @@ def _signature(fn, constexprs: dict, io_dtype: torch.dtype, present: set[str]):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            if name == "idx_ptr" and "index" in present:
+            if name == "idx_ptr" and index:
                 kind = "i32"
-            elif name in _IO_POINTERS and (name not in ("z_ptr", "dz_ptr") or "z" in present):
+            elif name in _IO_POINTERS and (name not in ("z_ptr", "dz_ptr") or z):
                 kind = _TRITON_TYPES[io_dtype]
             else:
                 kind = "fp32"
@@ -89,7 +89,6 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     if io_dtype not in _TRITON_TYPES:
         raise ValueError(f"io_dtype: expected one of {sorted(map(str, _TRITON_TYPES))}, got {io_dtype}")
     block_d, T, warps = config or launch_config(Dg, N, S, interpret=False)
-    present = {name for name, on in (("index", index), ("D", D), ("z", z), ("delta_bias", delta_bias)) if on}
     common = dict(N=N, NP=triton.next_power_of_2(N), BLOCK_D=block_d, T=T, HAS_D=D, HAS_Z=z,
                   HAS_BIAS=delta_bias, SOFTPLUS=softplus, HAS_INDEX=index)
     kernels = {
@@ -99,7 +98,7 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     target = GPUTarget("cuda", arch, 32)
     out = {"config": [block_d, T, warps]}
     for name, (fn, constexprs) in kernels.items():
-        signature, attrs = _signature(fn, constexprs, io_dtype, present)
+        signature, attrs = _signature(fn, constexprs, io_dtype, index, z)
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
                                   options={"num_warps": warps, "enable_fp_fusion": True})
         out[name] = _read_usage(compiled.asm["cubin"])
