@@ -31,7 +31,7 @@ from nas.engine.loop import train_one_epoch  # noqa: E402
 from nas.engine.run_log import ProgressBar  # noqa: E402
 from nas.models import create_model  # noqa: E402
 from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
-from nas.search.strategies import SearchTask, build_optimizers  # noqa: E402
+from nas.search.strategies import create_strategy  # noqa: E402
 
 from bench_common import current_rss_kb, environment  # noqa: E402
 
@@ -67,8 +67,8 @@ def measure(space: str, strategy: str, k: int, device: str, batch: int | None, s
         num_classes, loader = bundle.num_classes, build_loader(bundle.train, train["batch_size"], True, 0, 0)
     model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=num_classes, **cfg["model_args"])
     model.to(env.device)
-    optimizer, _ = build_optimizers(model, strategy_cfg, train)
-    task = SearchTask(model, model, optimizer, strategy_cfg, None, None, None, "", train, 0)
+    task = create_strategy(strategy_cfg, model, train, 0, None, "")  # the per-epoch report is not run here
+    optimizer = task.build_optimizer()
     state = {"step": 0, "bad_steps": 0}
     if device == "cuda":
         torch.cuda.synchronize()

@@ -20,10 +20,10 @@ from nas.engine import checkpoint
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
 from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run_in_process_group
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
+from nas.engine.optim import adamw, weight_groups
 from nas.engine.run_log import RunLogger
 from nas.models import create_model, derived_from_supernet
 from nas.models.arch import read_arch_file
-from nas.search.strategies import build_optimizers
 
 RETRAIN_DEFAULTS = {
     "model": None,               # the derived model (from arch.yaml)
@@ -105,7 +105,7 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     except ValueError as exc:
         raise DeriveError(str(exc)) from None
     train_model = data_parallel(model, env)
-    optimizer, _ = build_optimizers(model, {"name": "joint"}, train)
+    optimizer = adamw(weight_groups(model, train["lr"], train["weight_decay"]))
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
     val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
     logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])

@@ -44,9 +44,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Task:
-    """Hooks of the loop. The defaults train a classifier with label-smoothed cross-entropy."""
+    """Hooks of the loop. The defaults train a classifier with label-smoothed cross-entropy.
+
+    ``model``: the bare module the task works on (set by the subclass)."""
 
     label_smoothing = 0.0
+    model: torch.nn.Module
 
     def before_step(self, step: int, epoch: int) -> None:
         """Runs before each weight step (after the lr is set)."""
@@ -55,6 +58,13 @@ class Task:
         """Returns (loss, logits)."""
         logits = model(images)
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing), logits
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """Runs after the backward, before clipping and the optimizer step."""
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """Clip the gradient norm (``train.clip_grad``); the default clips all parameters together."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def after_step(self) -> None:
         """Runs after each weight step."""
@@ -89,7 +99,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
 
@@ -117,15 +127,16 @@ def train_one_epoch(model, loader, optimizer, task: Task, cfg: dict, env: DistEn
             continue
         state["bad_steps"] = 0
         loss.backward()
+        task.before_optimizer_step(epoch)
         if cfg["clip_grad"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+            task.clip_gradients(cfg["clip_grad"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         task.after_step()
         state["step"] += 1
         n = labels.shape[0]
         hard = labels if labels.dim() == 1 else labels.argmax(1)
-        sums += torch.tensor([loss.item() * n, _topk_correct(logits.detach(), hard, 1), n], dtype=torch.float64)
+        sums += torch.tensor([loss.item() * n, topk_correct(logits.detach(), hard, 1), n], dtype=torch.float64)
         elapsed = time.perf_counter() - start
         bar.update(i + 1, loss=sums[0].item() / sums[2].item(), acc=100 * sums[1].item() / sums[2].item(),
                    img_s=round(sums[2].item() * env.world_size / max(elapsed, 1e-9)))
@@ -146,7 +157,7 @@ def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val"
         with autocast(amp, env.device):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums += torch.tensor([loss.item(), _topk_correct(logits, labels, 1), _topk_correct(logits, labels, 5),
+        sums += torch.tensor([loss.item(), topk_correct(logits, labels, 1), topk_correct(logits, labels, 5),
                               labels.shape[0]], dtype=torch.float64)
     all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)

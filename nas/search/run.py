@@ -23,7 +23,8 @@ from nas.engine.loop import TRAIN_DEFAULTS, NonFiniteLoss, fit
 from nas.engine.run_log import RunLogger
 from nas.models import arch_parameters, create_model, derive_directions, is_search_model
 from nas.viz import stage_ends
-from nas.search.strategies import STRATEGY_DEFAULTS, SearchTask, build_optimizers, check_strategy
+from nas.errors import UserError
+from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(ROOT, "search_spaces", "demo.yaml")
@@ -41,10 +42,6 @@ SEARCH_DEFAULTS = {
     "retrain": {},               # overrides of derive.py's retraining config (nas.derive.retrain), e.g. train.epochs
     "tune": {},                  # the Optuna search space of `search.py --tune` (nas.tune)
 }
-
-
-class UserError(ValueError):
-    """Anything the user can fix; printed as one line, exit code 2."""
 
 
 def parse_args(argv):
@@ -90,6 +87,9 @@ def resolve_config(args, rest) -> tuple[dict, str]:
         cfg = cfglib.resolve(SEARCH_DEFAULTS, saved, overrides)
     elif args.resume:
         raise UserError(f"--resume: {out!r} holds no last.pt to resume from")
+    epochs = cfg["train"]["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"train.epochs: expected an int >= 1, got {epochs!r}")
     if cfg["data"]["path"] is None:
         raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
     try:
@@ -112,8 +112,8 @@ def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
 def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
-    strategy = cfg["strategy"]
-    if strategy["name"] == "bilevel" and not cfg["data"]["heldout_fraction"] and not cfg["data"]["heldout_path"]:
+    needs_heldout = strategy_class(cfg["strategy"]["name"]).needs_heldout
+    if needs_heldout and not cfg["data"]["heldout_fraction"] and not cfg["data"]["heldout_path"]:
         cfg = copy.deepcopy(cfg)
         cfg["data"]["heldout_fraction"] = 0.5  # DARTS: half of the training images train alpha
     make_run_dir(out, env)
@@ -122,30 +122,30 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
         model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    # sampled runs leave the skipped directions' parameters without gradients
-    train_model = data_parallel(model, env, find_unused_parameters=strategy["name"] == "sampled")
-    optimizer, alpha_opt = build_optimizers(model, strategy, train)
-    loaders = dict(train=build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"]),
-                   val=build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"]))
-    heldout = None
-    if strategy["name"] == "bilevel":
-        if data.heldout is None:
-            raise UserError("strategy.name: bilevel needs a held-out split; set data.heldout_fraction")
-        heldout = build_loader(data.heldout, train["batch_size"], True, train["workers"], cfg["seed"] + 1)
-        loaders["val"] = build_loader(data.heldout, train["batch_size"], False, train["workers"], cfg["seed"])
+    if needs_heldout and data.heldout is None:
+        raise UserError(f"strategy.name: {cfg['strategy']['name']} needs a held-out split; set data.heldout_fraction")
+    train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
+    val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
+    heldout_loader = None  # alpha's data (bilevel); val stays val, for the report and the choice of best.pt
+    if needs_heldout:
+        heldout_loader = build_loader(data.heldout, train["batch_size"], True, train["workers"], cfg["seed"] + 1)
     logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])
+    strategy = create_strategy(cfg["strategy"], model, train, cfg["seed"], logger, out,
+                               stage_ends(model.config.get("depths")))
+    if heldout_loader is not None:
+        strategy.set_heldout(heldout_loader)
+    train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)
+    optimizer = strategy.build_optimizer()
     if env.is_main:
         cfglib.save(cfg, os.path.join(out, "config.yaml"))
-        logger.info(f"search {cfg['model']} ({strategy['name']}) on {data.summary()}; writing to {out}")
-    task = SearchTask(model, train_model, optimizer, strategy, alpha_opt, heldout, logger, out, train, cfg["seed"],
-                      stage_ends(model.config.get("depths")))
+        logger.info(f"search {cfg['model']} ({strategy.name}) on {data.summary()}; writing to {out}")
     try:
-        record = fit(task, model, train_model, optimizer, loaders["train"], loaders["val"], train, env, logger, out,
+        record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out,
                      last_checkpoint(out), on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})
     finally:
         logger.close()
-    directions = derive_directions(model, strategy["k"])
-    logger.info(f"kept directions per layer (top-{strategy['k']}):")
+    directions = derive_directions(model, cfg["strategy"]["k"])
+    logger.info(f"kept directions per layer (top-{cfg['strategy']['k']}):")
     for i, names in enumerate(directions):
         logger.info(f"  layer {i:2d}: {', '.join(names)}")
     return {"record": record, "directions": directions,

@@ -1,27 +1,35 @@
-"""Search strategies: how the weights and the alphas are optimized.
+"""Search strategies: how the weights and the alphas are optimized. One class per strategy, registered by name.
 
 - ``joint`` (LocalMamba): alpha is one more parameter group of the weights' AdamW, trained on the same
   batches; no weight decay on alpha unless ``alpha_weight_decay`` is set (the original decays it).
 - ``bilevel`` (first-order DARTS): alpha has its own Adam (lr 3e-4, betas (0.5, 0.999), wd 1e-3 by
-  default) and takes one step on a held-out batch before every weight step.
+  default) and takes one step on a held-out batch before every weight step, on the held-out gradient alone.
 - ``sampled``: like joint, but each step every layer runs only k of its 8 directions, drawn without
   replacement from softmax(alpha) (Gumbel top-k, one draw per layer shared by all ranks). The skipped
   directions' scans are not computed, which is where the memory goes. The k active outputs are merged
   with weights p_i / sg(sum of the active p): the magnitude of a convex combination, while the
   gradient still reaches every alpha through the softmax's normalization.
 
-During ``alpha_warmup_epochs`` only the weights train (alpha's lr is held at zero).
+Common to all: ``train.clip_grad`` clips the norm of the weights' gradients only; alpha's gradient is
+never part of that norm (a large alpha gradient would otherwise shrink the weights' step) and is not
+clipped (Adam's step does not depend on the gradient's scale). During ``alpha_warmup_epochs`` only the
+weights train: alpha gets no gradient, so neither alpha nor its optimizer state changes.
+
+A new strategy is one more ``Strategy`` subclass decorated with ``@register_strategy``.
 """
 from __future__ import annotations
 
 import torch
 
 from nas.data import set_epoch
-from nas.engine.loop import Task, autocast
-from nas.models import arch_parameters, set_active_paths, split_parameters
+from nas.engine.distributed import all_reduce_sum
+from nas.engine.loop import Task, autocast, topk_correct
+from nas.engine.optim import adamw, weight_groups
+from nas.errors import UserError
+from nas.models import arch_parameters, set_active_paths
+from nas.ops import DIRECTIONS
 from nas.search import alphas as alpha_report
 
-STRATEGIES = ("joint", "bilevel", "sampled")
 STRATEGY_DEFAULTS = {
     "name": "joint",
     "k": 4,                      # directions kept per layer (derivation; sampled: active per step)
@@ -31,45 +39,223 @@ STRATEGY_DEFAULTS = {
     "alpha_warmup_epochs": 0,
 }
 
+_REGISTRY: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(cls: type["Strategy"]) -> type["Strategy"]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_strategies() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
 
 def check_strategy(cfg: dict) -> None:
-    if cfg["name"] not in STRATEGIES:
-        raise ValueError(f"strategy.name: unknown strategy {cfg['name']!r}; expected one of {', '.join(STRATEGIES)}")
-    if isinstance(cfg["k"], bool) or not isinstance(cfg["k"], int) or not 1 <= cfg["k"] <= 8:
-        raise ValueError(f"strategy.k: expected an int from 1 to 8, got {cfg['k']!r}")
+    """One-line UserError for a bad ``strategy:`` section."""
+    if cfg["name"] not in _REGISTRY:
+        raise UserError(f"strategy.name: unknown strategy {cfg['name']!r}; expected one of "
+                        f"{', '.join(list_strategies())}")
+    k = cfg["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
+        raise UserError(f"strategy.k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
     warm = cfg["alpha_warmup_epochs"]
     if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
-        raise ValueError(f"strategy.alpha_warmup_epochs: expected an int >= 0, got {warm!r}")
+        raise UserError(f"strategy.alpha_warmup_epochs: expected an int >= 0, got {warm!r}")
 
 
-def _no_decay(name: str, p) -> bool:
-    return p.ndim <= 1 or getattr(p, "_no_weight_decay", False) or name.endswith(("pos_embed", "cls_token"))
+def strategy_class(name: str) -> type["Strategy"]:
+    check_strategy({**STRATEGY_DEFAULTS, "name": name})
+    return _REGISTRY[name]
 
 
-def build_optimizers(model, strategy: dict, train: dict):
-    """(weights optimizer, alpha optimizer or None). Norms, biases, A_log, D and position embeddings
-    get no weight decay; alpha sits in its own group (joint, sampled) or its own Adam (bilevel)."""
-    _, alphas = split_parameters(model)
-    alpha_ids = {id(a) for a in alphas}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in alpha_ids:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": train["weight_decay"], "base_lr": train["lr"], "name": "weights"},
-              {"params": no_decay, "weight_decay": 0.0, "base_lr": train["lr"], "name": "weights_no_decay"}]
-    alpha_opt = None
-    if alphas and strategy["name"] == "bilevel":
-        alpha_opt = torch.optim.Adam(alphas, lr=strategy["alpha_lr"] if strategy["alpha_lr"] is not None else 3e-4,
-                                     betas=tuple(strategy["alpha_betas"]),
-                                     weight_decay=strategy["alpha_weight_decay"]
-                                     if strategy["alpha_weight_decay"] is not None else 1e-3)
-    elif alphas:
-        lr = strategy["alpha_lr"] if strategy["alpha_lr"] is not None else train["lr"]
-        groups.append({"params": alphas, "weight_decay": strategy["alpha_weight_decay"] or 0.0, "base_lr": lr,
+def create_strategy(cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None) -> "Strategy":
+    check_strategy(cfg)
+    return _REGISTRY[cfg["name"]](cfg, model, train, seed, logger, run_dir, stage_ends)
+
+
+class Strategy(Task):
+    """The loop's hooks for a search. Subclasses set ``name`` and override what differs.
+
+    Order of the hooks in one training step (``nas.engine.loop``): ``before_step`` (alpha step, path
+    sampling), forward + ``loss``, backward, ``before_optimizer_step`` (drop gradients that must not be
+    used), ``clip_gradients``, the weights' optimizer step, ``after_step``.
+    """
+
+    name = ""
+    needs_heldout = False          # the data must provide a held-out split (``set_heldout``)
+    find_unused_parameters = False  # DDP: some parameters get no gradient in a step
+
+    def __init__(self, cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None):
+        self.cfg, self.model, self.train, self.seed = cfg, model, train, seed
+        self.logger, self.run_dir, self.stage_ends = logger, run_dir, stage_ends
+        self.label_smoothing, self.amp = train["label_smoothing"], train["amp"]
+        self.alphas = arch_parameters(model)
+        self.history = alpha_report.AlphaHistory()
+
+    # -- optimizers -------------------------------------------------------------------------------
+    def alpha_lr(self) -> float:
+        return self.cfg["alpha_lr"] if self.cfg["alpha_lr"] is not None else self.train["lr"]
+
+    def alpha_weight_decay(self) -> float:
+        return self.cfg["alpha_weight_decay"] or 0.0
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The weights' AdamW; alpha is its last group ("alpha"), scheduled like the weights."""
+        groups = weight_groups(self.model, self.train["lr"], self.train["weight_decay"], exclude=self.alphas)
+        groups.append({"params": self.alphas, "weight_decay": self.alpha_weight_decay(), "base_lr": self.alpha_lr(),
                        "name": "alpha"})
-    for g in groups:
-        g["lr"] = g["base_lr"]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train["lr"]), alpha_opt
+        return adamw(groups)
+
+    # -- per-step hooks ---------------------------------------------------------------------------
+    def alpha_frozen(self, epoch: int) -> bool:
+        return epoch < self.cfg["alpha_warmup_epochs"]
+
+    def drop_alpha_grads(self) -> None:
+        for a in self.alphas:
+            a.grad = None
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        if self.alpha_frozen(epoch):
+            self.drop_alpha_grads()
+
+    def clip_gradients(self, max_norm: float) -> None:
+        ids = {id(a) for a in self.alphas}
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) not in ids], max_norm)
+
+    # -- per-epoch report -------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, record: dict) -> dict:
+        probs = alpha_report.layer_probs(self.model)
+        self.history.record(epoch + 1, probs)
+        if self.logger.enabled:
+            self.history.write(f"{self.run_dir}/alphas.json")
+        return alpha_report.report(self.logger, self.model, probs, epoch + 1, self.run_dir, self.cfg["k"],
+                                   self.stage_ends)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"alpha_history": self.history.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = alpha_report.AlphaHistory(state["alpha_history"])
+
+
+@register_strategy
+class Joint(Strategy):
+    """LocalMamba's search: alpha trains with the weights, on the same batches, by the same AdamW."""
+
+    name = "joint"
+
+
+@register_strategy
+class Bilevel(Strategy):
+    """First-order DARTS: before each weight step, alpha takes one Adam step on a held-out batch.
+
+    The alpha gradient is taken with ``torch.autograd.grad`` through the bare model (not the DDP
+    wrapper, so no weight gradient is reduced or accumulated) and averaged over ranks by hand; the
+    weights' own backward also reaches alpha, and that gradient is dropped before every weight step.
+    Logs ``heldout_loss`` / ``heldout_top1``: the running mean over the epoch's alpha steps, each
+    measured on its batch before the step.
+    """
+
+    name = "bilevel"
+    needs_heldout = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha_opt = torch.optim.Adam(self.alphas, lr=self.alpha_lr(), betas=tuple(self.cfg["alpha_betas"]),
+                                          weight_decay=self.alpha_weight_decay())
+        self.heldout_loader = None
+        self._heldout_iter = None
+        self._pass, self._taken = 0, 0  # held-out pass of this epoch and batches drawn from it
+        self._sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n of the epoch's alpha steps
+
+    def alpha_lr(self) -> float:
+        return self.cfg["alpha_lr"] if self.cfg["alpha_lr"] is not None else 3e-4
+
+    def alpha_weight_decay(self) -> float:
+        wd = self.cfg["alpha_weight_decay"]
+        return wd if wd is not None else 1e-3
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return adamw(weight_groups(self.model, self.train["lr"], self.train["weight_decay"], exclude=self.alphas))
+
+    def set_heldout(self, loader) -> None:
+        self.heldout_loader = loader
+
+    def _next_heldout(self, epoch: int):
+        # Each training epoch starts a fresh pass over the held-out set, seeded by (epoch, pass), so a
+        # resumed run draws the same held-out batches as an uninterrupted one.
+        while True:
+            if self._heldout_iter is None:
+                set_epoch(self.heldout_loader, heldout_pass_seed(epoch, self._pass))
+                self._heldout_iter = iter(self.heldout_loader)
+                for _ in range(self._taken):  # resuming inside a pass: skip what was drawn before
+                    next(self._heldout_iter)
+            try:
+                batch = next(self._heldout_iter)
+                self._taken += 1
+                return batch
+            except StopIteration:
+                self._pass, self._taken, self._heldout_iter = self._pass + 1, 0, None
+
+    def before_step(self, step: int, epoch: int) -> None:
+        if self.alpha_frozen(epoch):
+            return
+        images, labels = self._next_heldout(epoch)
+        device = self.alphas[0].device
+        images, labels = images.to(device), labels.to(device)
+        with autocast(self.amp, device):
+            loss, logits = self.loss(self.model, images, labels)
+        finite = all_reduce_sum(torch.tensor([float(torch.isfinite(loss).item())]))
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if finite.item() < world:  # every rank skips together; the weight step's check counts bad steps
+            return
+        grads = torch.autograd.grad(loss, self.alphas)
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world
+        for a, g in zip(self.alphas, flat.split([a.numel() for a in self.alphas])):
+            a.grad = g.view_as(a)
+        self.alpha_opt.step()
+        self.drop_alpha_grads()
+        n = labels.shape[0]
+        self._sums += torch.tensor([loss.item() * n, topk_correct(logits.detach(), labels, 1), n],
+                                   dtype=torch.float64)
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        self.drop_alpha_grads()  # the training batch's alpha gradient is not alpha's to use
+
+    def on_epoch_end(self, epoch: int, record: dict) -> dict:
+        sums = all_reduce_sum(self._sums.clone())
+        self._heldout_iter, self._pass, self._taken = None, 0, 0
+        self._sums.zero_()
+        out = {}
+        if sums[2] > 0:
+            out = {"heldout_loss": sums[0].item() / sums[2].item(), "heldout_top1": 100 * sums[1].item() / sums[2].item()}
+        return {**out, **super().on_epoch_end(epoch, record)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "alpha_optimizer": self.alpha_opt.state_dict(),
+                "heldout_position": {"pass": self._pass, "taken": self._taken, "sums": self._sums.clone()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.alpha_opt.load_state_dict(state["alpha_optimizer"])
+        position = state.get("heldout_position")  # absent in checkpoints written at epoch ends before it existed
+        if position is not None:
+            self._pass, self._taken, self._sums = position["pass"], position["taken"], position["sums"].clone()
+        self._heldout_iter = None
+
+
+def heldout_pass_seed(epoch: int, held_pass: int) -> int:
+    """The loader epoch of held-out pass ``held_pass`` in training epoch ``epoch``: distinct for any run
+    with fewer than 1000 held-out passes per epoch (a pass per weight step would need 1000 batches)."""
+    return epoch * 1000 + held_pass
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s path draw: the same on every rank and after a resume; the prime stride
+    keeps (seed, step) pairs of different runs from sharing a draw for any run under a million steps."""
+    return seed * 1_000_003 + step
 
 
 def gumbel_top_k(alpha: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,77 +265,17 @@ def gumbel_top_k(alpha: torch.Tensor, k: int, generator: torch.Generator) -> tor
     return (logits - torch.log(-torch.log(u))).topk(k).indices.sort().values
 
 
-class SearchTask(Task):
-    """The loop's hooks for a search: alpha steps, path sampling and the per-epoch alpha report."""
+@register_strategy
+class Sampled(Strategy):
+    """Joint training of k sampled directions per layer and step (see the module docstring)."""
 
-    def __init__(self, model, train_model, optimizer, strategy: dict, alpha_opt, heldout_loader, logger,
-                 run_dir: str, train: dict, seed: int, stage_ends=None):
-        self.model, self.train_model, self.optimizer = model, train_model, optimizer
-        self.strategy, self.alpha_opt, self.heldout_loader = strategy, alpha_opt, heldout_loader
-        self.logger, self.run_dir, self.seed, self.stage_ends = logger, run_dir, seed, stage_ends
-        self.label_smoothing, self.amp = train["label_smoothing"], train["amp"]
-        self.history = alpha_report.AlphaHistory()
-        self._heldout_iter = None
-        self._heldout_pass = 0
-
-    def _alpha_frozen(self, epoch: int) -> bool:
-        return epoch < self.strategy["alpha_warmup_epochs"]
+    name = "sampled"
+    find_unused_parameters = True  # the skipped directions' parameters get no gradient
 
     def before_step(self, step: int, epoch: int) -> None:
-        if self._alpha_frozen(epoch):
-            for g in self.optimizer.param_groups:
-                if g.get("name") == "alpha":
-                    g["lr"] = 0.0
-        if self.strategy["name"] == "bilevel" and not self._alpha_frozen(epoch):
-            self._alpha_step(epoch)
-        if self.strategy["name"] == "sampled":
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # same draw on every rank
-            set_active_paths(self.model, [gumbel_top_k(a, self.strategy["k"], gen) for a in arch_parameters(self.model)])
-
-    def _next_heldout(self, epoch: int):
-        # Every training epoch starts a fresh pass over the held-out set, seeded by (epoch, pass), so a
-        # resumed run draws the same held-out batches as an uninterrupted one.
-        while True:
-            if self._heldout_iter is None:
-                set_epoch(self.heldout_loader, epoch * 1000 + self._heldout_pass)
-                self._heldout_iter = iter(self.heldout_loader)
-            try:
-                return next(self._heldout_iter)
-            except StopIteration:
-                self._heldout_pass += 1
-                self._heldout_iter = None
-
-    def _alpha_step(self, epoch: int) -> None:
-        images, labels = self._next_heldout(epoch)
-        device = next(self.model.parameters()).device
-        images, labels = images.to(device), labels.to(device)
-        with autocast(self.amp, device):
-            loss, _ = Task.loss(self, self.train_model, images, labels)
-        loss.backward()
-        self.alpha_opt.step()
-        self.train_model.zero_grad(set_to_none=True)  # the weights' gradients from this batch are not used
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step))
+        set_active_paths(self.model, [gumbel_top_k(a, self.cfg["k"], gen) for a in self.alphas])
 
     def eval_model(self, model):
-        if self.strategy["name"] == "sampled":
-            set_active_paths(self.model, None)
+        set_active_paths(self.model, None)
         return model
-
-    def on_epoch_end(self, epoch: int, record: dict) -> dict:
-        self._heldout_iter, self._heldout_pass = None, 0
-        probs = alpha_report.layer_probs(self.model)
-        self.history.record(epoch + 1, probs)
-        if self.logger.enabled:
-            self.history.write(f"{self.run_dir}/alphas.json")
-        return alpha_report.report(self.logger, self.model, probs, epoch + 1, self.run_dir, self.strategy["k"],
-                                   self.stage_ends)
-
-    def state_dict(self) -> dict:
-        state = {"alpha_history": self.history.epochs}
-        if self.alpha_opt is not None:
-            state["alpha_optimizer"] = self.alpha_opt.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = alpha_report.AlphaHistory(state["alpha_history"])
-        if self.alpha_opt is not None:
-            self.alpha_opt.load_state_dict(state["alpha_optimizer"])
