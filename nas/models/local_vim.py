@@ -179,19 +179,22 @@ class LocalVim(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> pooled features (batch, embed_dim)."""
         x, grid = self.patch_embed(x)
+        cls_position = x.shape[1] // 2  # the released rule: token_position = num_patches // 2
         if self.mid_cls_token:
-            c = x.shape[1] // 2
-            x = torch.cat([x[:, :c], self.cls_token.expand(x.shape[0], -1, -1), x[:, c:]], dim=1)
+            x = torch.cat([x[:, :cls_position], self.cls_token.expand(x.shape[0], -1, -1), x[:, cls_position:]], dim=1)
         hidden, residual = x + self._pos_embed(grid), None
         if self.rope is not None:
             cos, sin = self.rope.tables(grid)
+            if self.mid_cls_token:  # the class token has no grid position: it is not rotated
+                cos = torch.cat([cos[:cls_position], cos.new_ones(1, cos.shape[1]), cos[cls_position:]])
+                sin = torch.cat([sin[:cls_position], sin.new_zeros(1, sin.shape[1]), sin[cls_position:]])
         for layer in self.layers:
             if self.rope is not None:
                 hidden = self.rope.apply(hidden, cos, sin)
                 residual = None if residual is None else self.rope.apply(residual, cos, sin)
             hidden, residual = layer(hidden, residual, grid)
         hidden = self.norm_f(residual + self.drop_path(hidden))
-        return hidden[:, hidden.shape[1] // 2] if self.mid_cls_token else hidden.mean(1)
+        return hidden[:, cls_position] if self.mid_cls_token else hidden.mean(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
