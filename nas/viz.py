@@ -1,9 +1,13 @@
-"""Figures of a search: the layers x directions heatmap of softmax(alpha) with the kept directions marked."""
+"""Figures of a search: the layers x directions heatmap of softmax(alpha) with the kept directions marked, the
+probabilities over the epochs, and the 8 scan paths."""
 from __future__ import annotations
 
 import itertools
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.lines
+import matplotlib.patheffects
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -12,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from matplotlib.collections import LineCollection  # noqa: E402
 
+from nas.atomic import atomic_write  # noqa: E402
 from nas.ops import DIRECTIONS, scan_order  # noqa: E402
 
 
@@ -21,45 +26,87 @@ def stage_ends(depths) -> list[int] | None:
     return list(itertools.accumulate(depths)) if depths else None
 
 
-def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_ends=None):
+def decimals_to_tell_apart(pairs, lowest: int = 3, highest: int = 9) -> int:
+    """The fewest decimals (from ``lowest`` to ``highest``) at which every pair (a, b) of numbers that differ
+    at ``highest`` decimals prints as two different numbers."""
+    pairs = [(a, b) for a, b in pairs if round(a, highest) != round(b, highest)]
+    for decimals in range(lowest, highest):
+        if all(f"{a:.{decimals}f}" != f"{b:.{decimals}f}" for a, b in pairs):
+            return decimals
+    return highest
+
+
+def group_letters(groups) -> dict[str, str]:
+    """{direction: letter} for one layer's groups of coinciding directions (first group "a", ...)."""
+    return {name: "abcdefgh"[g] for g, names in enumerate(groups) for name in names}
+
+
+UNIFORM = 1 / len(DIRECTIONS)  # every direction's probability before the search has learned anything
+
+
+def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_ends=None, coinciding=None):
     """probs: (layers, 8) probabilities; kept: per-layer lists of direction names (marked with a box);
-    stage_ends: layer counts after which a stage ends (LocalVMamba), drawn as lines. Returns a Figure."""
+    stage_ends: layer counts after which a stage ends (LocalVMamba), drawn as lines; coinciding: per layer,
+    groups of directions that are the same scan on that layer's grid (lettered cells). Returns a Figure.
+
+    The colours diverge from 1/8 (white), stretched to the largest deviation on each side, so that an early
+    search whose probabilities are all within 1e-4 of 1/8 still shows which directions lead."""
     probs = np.asarray(probs, dtype=float)
     layers = probs.shape[0]
-    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.32 * layers))
-    image = ax.imshow(probs, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(probs.max(), 1e-6))
+    spread = 1e-9  # TwoSlopeNorm needs vmin < 1/8 < vmax, also for a layer of exactly uniform probabilities
+    vmin, vmax = min(probs.min(), UNIFORM - spread), max(probs.max(), UNIFORM + spread)
+    fig, ax = plt.subplots(figsize=(6.4, 1.4 + 0.32 * layers))
+    image = ax.imshow(probs, cmap="RdBu_r", aspect="auto",
+                      norm=matplotlib.colors.TwoSlopeNorm(vcenter=UNIFORM, vmin=vmin, vmax=vmax))
     ax.set_xticks(range(len(DIRECTIONS)), DIRECTIONS, rotation=45, ha="right")
     ax.set_yticks(range(layers), [str(i) for i in range(layers)])
     ax.set_xlabel("scan direction")
     ax.set_ylabel("layer")
     ax.set_title(title)
+    outline = [matplotlib.patheffects.withStroke(linewidth=3, foreground="white")]  # visible on every colour
     for i, names in enumerate(kept):
         for name in names:
             j = DIRECTIONS.index(name)
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.6))
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5,
+                                       path_effects=outline))
+    lettered = False
+    for i, groups in enumerate(coinciding or []):
+        for name, letter in group_letters(groups).items():
+            ax.text(DIRECTIONS.index(name), i, letter, ha="center", va="center", fontsize=8, path_effects=outline)
+            lettered = True
+    if lettered:
+        ax.set_xlabel("scan direction (a, b: the same scan on that layer's grid)")
     for end in stage_ends or []:
         if 0 < end < layers:
-            ax.axhline(end - 0.5, color="red", linewidth=1.2)
-    fig.colorbar(image, ax=ax, label="probability")
+            ax.axhline(end - 0.5, color="#2ca02c", linewidth=2.2)
+    bar = fig.colorbar(image, ax=ax, label="probability (white: 1/8)")
+    ticks = [vmin, UNIFORM, vmax]
+    decimals = decimals_to_tell_apart(zip(ticks, ticks[1:]))
+    bar.set_ticks(ticks, labels=[f"{t:.{decimals}f}" for t in ticks])
     fig.tight_layout()
     return fig
 
 
 def save_figure(fig, path: str) -> None:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Write a figure as PNG atomically, then close it."""
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
 
 
-def alpha_history_figure(epochs: list[dict], title: str = "softmax(alpha) over the search"):
+def alpha_history_figure(epochs: list[dict], kept=None, title: str = "softmax(alpha) over the search"):
     """Small multiples, one panel per layer: each direction's probability against the epoch.
 
-    epochs: the ``epochs`` list of ``alphas.json`` ({"epoch": e, "probs": [[8 floats] per layer]})."""
+    epochs: the ``epochs`` list of ``alphas.json`` ({"epoch": e, "probs": [[8 floats] per layer]});
+    kept: per-layer lists of the kept directions, drawn solid (the others dashed and fainter)."""
     xs = [e["epoch"] for e in epochs]
     probs = np.asarray([e["probs"] for e in epochs], dtype=float)  # (epochs, layers, 8)
     layers = probs.shape[1]
     cols = min(5, layers)
     rows = -(-layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 2.6 * cols), 1.9 * rows + 1.2), sharex=True,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 2.8 * cols), 2.0 * rows + 1.3), sharex=True,
                              sharey=True, squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for i, ax in enumerate(axes.flat):
@@ -67,18 +114,30 @@ def alpha_history_figure(epochs: list[dict], title: str = "softmax(alpha) over t
             ax.axis("off")
             continue
         for j, name in enumerate(DIRECTIONS):
-            ax.plot(xs, probs[:, i, j], color=colors[j], linewidth=1.3, label=name, marker="." if len(xs) < 12 else None)
+            dropped = kept is not None and name not in kept[i]
+            ax.plot(xs, probs[:, i, j], color=colors[j], marker="." if len(xs) < 12 else None,
+                    linestyle="--" if dropped else "-", linewidth=1.0 if dropped else 1.8, alpha=0.6 if dropped else 1)
         ax.set_title(f"layer {i}", fontsize=9)
         ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    # probabilities near 1/8 early in a search: full values (no "+1.25e-1" offset), few ticks, integer epochs
+    first = axes.flat[0]
+    first.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=5, integer=True))
+    first.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=4))
+    formatter = matplotlib.ticker.ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    first.yaxis.set_major_formatter(formatter)
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.set_ylabel("probability")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    top = 1 - 0.9 / fig.get_figheight()
-    fig.suptitle(title, y=0.99, fontsize=10)
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, top + 0.6 / fig.get_figheight()), ncol=4,
+    handles = [matplotlib.lines.Line2D([], [], color=colors[j], linewidth=1.8) for j in range(len(DIRECTIONS))]
+    height = fig.get_figheight()
+    top = 1 - 0.6 / height  # room for the title and one legend row (inches)
+    if kept is not None:
+        title += " (solid: kept, dashed: dropped)"
+    fig.suptitle(title, y=1 - 0.05 / height, fontsize=10)
+    fig.legend(handles, DIRECTIONS, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.3 / height), ncol=8,
                fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, top))
     return fig

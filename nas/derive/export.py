@@ -1,31 +1,40 @@
 """From a search run to an architecture: the top-k directions per layer, ``arch.yaml``, the printed table
 and the Python-literal form, and the figures.
 
-``arch.yaml`` (contract): ``{model: <derived model name>, source: <run folder>, k: k, directions: [[k names]
-per layer], probs: [[8 floats] per layer], model_args: {...}}``, lists in DIRECTIONS order. ``model_args``
-carries the search's architecture overrides (depth, widths, ...) so that
+``arch.yaml`` (contract): ``{model: <derived model name>, source: <run folder>, epoch: <search epoch of the
+alphas>, k: k, distinct: <bool>, directions: [[k names] per layer], probs: [[8 floats] per layer],
+coinciding: [[[names of one scan]...] per layer], model_args: {...}}``, lists in DIRECTIONS order.
+``model_args`` carries the search's architecture overrides (depth, widths, ...) so that
 ``create_model(model, directions="runs/NAME/arch.yaml", **model_args)`` builds the searched network.
+``coinciding`` lists, per layer, the candidates that are the same scan on that layer's token grid;
+``distinct`` says whether the k kept ones had to be k different scans. Files written before ``epoch``,
+``distinct`` and ``coinciding`` existed still load.
 """
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import torch
 import yaml
 
+from nas.atomic import atomic_write
 from nas.engine import checkpoint
-from nas.models import derive_directions
+from nas.errors import UserError
+from nas.models import create_model, derive_directions
 from nas.models.registry import model_spec
 from nas.ops import DIRECTIONS
-from nas.viz import alpha_heatmap, alpha_history_figure, save_figure, scan_orders_figure, stage_ends
+from nas.search.alphas import coinciding_per_layer, layer_grids
+from nas.viz import (alpha_heatmap, alpha_history_figure, decimals_to_tell_apart, group_letters, save_figure,
+                     scan_orders_figure, stage_ends)
 
 # create_model options of a search run that describe the architecture (not training-only settings)
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "dims", "depths", "d_state", "expand", "ssm_ratio", "scattn",
              "mid_cls_token", "rope")
 
 
-class DeriveError(ValueError):
+class DeriveError(UserError):
     """A run folder or arch file that cannot be derived from: one line, exit code 2."""
 
 
@@ -41,67 +50,168 @@ def derived_model_name(search_name: str) -> str:
     return spec.name
 
 
+def load_yaml_file(path: str, what: str):
+    """A run's YAML file, parsed; a damaged one is a DeriveError naming the file and the line and column."""
+    try:
+        with open(path, "rb") as f:
+            return yaml.safe_load(f)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise DeriveError(f"{what}: {path} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: "
+                          f"{exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:  # bytes that are no text (a reader error) carry a position, not a mark
+        raise DeriveError(f"{what}: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise DeriveError(f"{what}: {path} cannot be read ({exc.strerror})") from None
+
+
+def _read_history(path: str) -> dict | None:
+    """alphas.json, checked; None when it holds no epoch yet."""
+    try:
+        with open(path, "rb") as f:
+            history = json.loads(f.read())
+    except json.JSONDecodeError as exc:
+        raise DeriveError(f"run: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise DeriveError(f"run: {path} is not valid JSON (it is not UTF-8 text)") from None
+    written_by_search = isinstance(history, dict) and history.get("directions") == list(DIRECTIONS) \
+        and isinstance(history.get("epochs"), list)
+    if written_by_search and history["epochs"]:
+        try:
+            probs = np.asarray([e["probs"] for e in history["epochs"]], dtype=float)
+            written_by_search = probs.ndim == 3 and probs.shape[2] == len(DIRECTIONS) and all(
+                isinstance(e["epoch"], int) for e in history["epochs"])
+        except (KeyError, TypeError, ValueError):
+            written_by_search = False
+    if not written_by_search:
+        raise DeriveError(f"run: {path} is not an alphas.json written by search.py (expected directions "
+                          f"{list(DIRECTIONS)} and a list of epochs, each with an int epoch and one row of "
+                          f"{len(DIRECTIONS)} probabilities per layer)")
+    return history if history["epochs"] else None
+
+
 def read_run(run_dir: str) -> dict:
-    """The search run's config, final probabilities and per-epoch history.
+    """The search run's config, latest probabilities (and the epoch they are from), per-epoch history, and
+    each layer's token grid and coinciding directions.
 
     Reads ``last.pt`` (its alphas) when present, else the last epoch of ``alphas.json``."""
     if not os.path.isdir(run_dir):
         raise DeriveError(f"run: {run_dir!r} is not a folder")
     cfg_path, last, history_path = (os.path.join(run_dir, n) for n in ("config.yaml", "last.pt", "alphas.json"))
-    if not os.path.isfile(last) and not os.path.isfile(history_path):
-        raise DeriveError(f"run: {run_dir!r} holds neither last.pt nor alphas.json; is it a search run folder?")
-    cfg = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = yaml.safe_load(f) or {}
-    history = None
-    if os.path.isfile(history_path):
-        with open(history_path) as f:
-            history = json.load(f)
-        if history.get("directions") != list(DIRECTIONS) or not history.get("epochs"):
-            raise DeriveError(f"run: {history_path!r} is not an alphas.json written by search.py")
-    model_name = cfg.get("model")
+    if not os.path.isfile(cfg_path):
+        what = "holds no config.yaml, last.pt or alphas.json" if not os.path.exists(last) and not \
+            os.path.exists(history_path) else "has no config.yaml (without it the model and data are unknown)"
+        raise DeriveError(f"run: {run_dir!r} {what}; is it a search run folder?")
+    cfg = load_yaml_file(cfg_path, "run")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
+        raise DeriveError(f"run: {cfg_path} is not a search config (expected a mapping with a 'model' name)")
+    history = _read_history(history_path) if os.path.isfile(history_path) else None
+    model_name, epoch = cfg["model"], None
     if os.path.isfile(last):
-        state = checkpoint.load(last)
+        try:
+            state = checkpoint.load(last)
+        except ValueError as exc:
+            raise DeriveError(f"run: {exc}") from None
         model_name = state.get("model_name", model_name)
-        alphas = [v.float().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
+        epoch = (state.get("loop") or {}).get("epoch")
+        alphas = [v.double().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
         if not alphas:
             raise DeriveError(f"run: {last!r} holds no alpha parameters; is it a search checkpoint?")
-        probs = torch.stack(alphas).softmax(1)
-    else:
-        probs = torch.tensor(history["epochs"][-1]["probs"], dtype=torch.float64)
-    if model_name is None:
-        raise DeriveError(f"run: {run_dir!r} names no model (config.yaml is missing)")
-    return {"config": cfg, "model": model_name, "probs": probs, "history": history}
+        scores = torch.stack(alphas)
+    elif history is not None:
+        epoch = history["epochs"][-1]["epoch"]
+        scores = torch.tensor(history["epochs"][-1]["probs"], dtype=torch.float64).clamp_min(1e-300).log()
+    if epoch == 0 or (not os.path.isfile(last) and history is None):
+        raise DeriveError(f"run: {run_dir!r} has no finished search epoch yet (last.pt and alphas.json are written "
+                          f"when the first epoch ends); resume the search with the same search.py command")
+    # alpha up to a constant, centred so that float32 ranking (derive_directions) keeps its small differences
+    scores = scores - scores.mean(1, keepdim=True)
+    try:
+        model = create_model(model_name, **({"img_size": cfg["img_size"]} if "img_size" in cfg else {}),
+                             **(cfg.get("model_args") or {}))
+    except ValueError as exc:
+        raise DeriveError(f"run: {cfg_path}: cannot build the searched model {model_name!r} ({exc})") from None
+    grids = layer_grids(model)
+    if len(grids) != scores.shape[0]:
+        raise DeriveError(f"run: {run_dir!r} holds alphas of {scores.shape[0]} layers, but its model {model_name!r} "
+                          f"has {len(grids)} searchable layers")
+    return {"config": cfg, "model": model_name, "epoch": epoch, "scores": scores, "probs": scores.softmax(1),
+            "history": history, "grids": grids, "coinciding": coinciding_per_layer(model)}
 
 
-def make_arch(run: dict, run_dir: str, k: int) -> dict:
+def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int) -> torch.Tensor:
+    """One layer's scores with every coinciding direction but its group's strongest made ineligible."""
+    distinct = len(DIRECTIONS) - sum(len(g) - 1 for g in groups)
+    if k > distinct:
+        raise DeriveError(f"--distinct: layer {layer} scans a {grid[0]} x {grid[1]} token grid, on which the "
+                          f"{len(DIRECTIONS)} candidates are only {distinct} different scans; -k {k} asks for more")
+    scores = scores.clone()
+    for group in groups:
+        members = [DIRECTIONS.index(d) for d in group]
+        strongest = max(members, key=lambda j: (scores[j].item(), -j))  # ties go to the lower index, as in top-k
+        for j in members:
+            if j != strongest:
+                scores[j] = -torch.inf
+    return scores
+
+
+def make_arch(run: dict, run_dir: str, k: int, distinct: bool = False) -> dict:
+    """The top-k directions per layer; with ``distinct``, the top-k among one direction per distinct scan."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
         raise DeriveError(f"-k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
-    probs = run["probs"].double()
-    directions = derive_directions(probs.clamp_min(1e-30).log(), k=k)  # ranking by p is ranking by alpha
+    scores = run["scores"]
+    if distinct:
+        scores = torch.stack([_one_per_scan(row, groups, k, grid, i) for i, (row, groups, grid)
+                              in enumerate(zip(scores, run["coinciding"], run["grids"]))])
     model_args = {key: v for key, v in (run["config"].get("model_args") or {}).items() if key in ARCH_KEYS}
     model_args["scans_per_layer"] = k
-    return {"model": derived_model_name(run["model"]), "source": os.path.abspath(run_dir), "k": k,
-            "directions": directions, "probs": [[round(float(p), 6) for p in row] for row in probs],
-            "model_args": model_args}
+    return {"model": derived_model_name(run["model"]), "source": os.path.abspath(run_dir), "epoch": run["epoch"],
+            "k": k, "distinct": distinct, "directions": derive_directions(scores, k=k),
+            "probs": [[round(float(p), 9) for p in row] for row in run["probs"]],
+            "coinciding": [[list(g) for g in groups] for groups in run["coinciding"]], "model_args": model_args}
 
 
 def write_arch(arch: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(arch, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+
+
+def _boundary(probs, kept, groups, distinct: bool) -> tuple[float, float] | None:
+    """(weakest kept, strongest dropped) probability of one layer; with ``distinct`` a dropped direction that
+    is the same scan as a kept one was never a candidate, so it does not count."""
+    twins = {d for g in groups if set(g) & set(kept) for d in g} if distinct else set()
+    dropped = [p for d, p in zip(DIRECTIONS, probs) if d not in kept and d not in twins]
+    if not dropped:
+        return None
+    return min(p for d, p in zip(DIRECTIONS, probs) if d in kept), max(dropped)
+
+
+def kept_rule(arch: dict) -> str:
+    """How the kept directions were chosen, e.g. "top-4" (an arch file written by hand may lack k)."""
+    k = arch.get("k", len(arch["directions"][0]) if arch.get("directions") else "?")
+    return f"{k} strongest distinct scans" if arch.get("distinct") else f"top-{k}"
 
 
 def format_table(arch: dict) -> str:
-    """One row per layer: each direction's probability, the kept ones starred."""
-    header = "layer " + " ".join(f"{d:>8s}" for d in DIRECTIONS)
+    """One row per layer: each direction's probability, with as many decimals as it takes for every layer's
+    weakest kept and strongest dropped value to differ; the kept ones starred, coinciding ones lettered."""
+    probs, kept = arch["probs"], arch["directions"]
+    coinciding = arch.get("coinciding") or [[] for _ in probs]
+    distinct = bool(arch.get("distinct"))
+    pairs = [b for b in map(_boundary, probs, kept, coinciding, [distinct] * len(probs)) if b is not None]
+    decimals = decimals_to_tell_apart(pairs)
+    width = decimals + 4  # "0." + decimals + the kept star + the group letter
+    header = ("layer " + " ".join(f"{d:>{width - 2}s}  " for d in DIRECTIONS)).rstrip()
     rows = [header, "-" * len(header)]
-    for i, (probs, kept) in enumerate(zip(arch["probs"], arch["directions"])):
-        cells = [f"{p:7.3f}{'*' if d in kept else ' '}" for d, p in zip(DIRECTIONS, probs)]
-        rows.append(f"{i:5d} " + " ".join(cells))
-    rows.append(f"(* = kept: the top-{arch['k']} of each layer)")
+    for i, (row, names, groups) in enumerate(zip(probs, kept, coinciding)):
+        letters = group_letters(groups)
+        cells = [f"{p:.{decimals}f}{'*' if d in names else ' '}{letters.get(d, ' ')}" for d, p in zip(DIRECTIONS, row)]
+        rows.append(f"{i:5d} " + " ".join(cells).rstrip())
+    rows.append(f"(* = kept: the {kept_rule(arch)} of each layer)")
+    if any(coinciding):
+        rows.append("(a, b, ...: directions with the same letter are the same scan on that layer's token grid; "
+                    "derive.py --distinct keeps only the strongest of them)" if not distinct else
+                    "(a, b, ...: directions with the same letter are the same scan on that layer's token grid)")
     return "\n".join(rows)
 
 
@@ -119,12 +229,13 @@ def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, "figures")
     os.makedirs(folder, exist_ok=True)
     figures = {"alphas": alpha_heatmap(arch["probs"], arch["directions"],
-                                       f"softmax(alpha): {arch['model']}, kept top-{arch['k']} boxed",
+                                       f"softmax(alpha): {arch['model']}, kept {kept_rule(arch)} boxed",
                                        stage_ends(arch["model_args"].get("depths")
-                                                  or model_spec(arch["model"]).defaults.get("depths"))),
+                                                  or model_spec(arch["model"]).defaults.get("depths")),
+                                       coinciding=arch.get("coinciding")),
                "scan_orders": scan_orders_figure()}
     if history is not None:
-        figures["alpha_history"] = alpha_history_figure(history["epochs"])
+        figures["alpha_history"] = alpha_history_figure(history["epochs"], arch["directions"])
     paths = []
     with SummaryWriter(os.path.join(run_dir, "tb")) as writer:
         for name, fig in figures.items():

@@ -146,3 +146,29 @@ def undo_scan(y: torch.Tensor, direction: str, H: int, W: int, layout: str = "BL
     if y.shape[dim] != S:
         raise ValueError(f"y: scan axis has {y.shape[dim]} tokens, expected scan_length({direction!r}, {H}, {W}) = {S} (shape {tuple(y.shape)}, layout {layout})")
     return y.index_select(dim, inverse_scan_order(direction, H, W, y.device))
+
+
+
+@functools.lru_cache(maxsize=None)
+def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False) -> tuple[tuple[str, ...], ...]:
+    """Groups of candidate directions that scan an H x W grid as the same sequence, pads included.
+
+    Pad steps between real tokens always count: they decay the scan's state. Trailing pad steps never
+    count: the scan (and LocalVim's conv1d) is causal, so no real token's output depends on them; this
+    is why ``w7`` is ``h`` on a 5 x 7 grid. Leading pad steps count unless ``ignore_leading_pads``: in
+    LocalVim the conv1d's bias turns the zero pads into non-zero scan inputs, while SS2D pads after its
+    conv2d, so its pads reach the scan as zeros and leave the zero initial state unchanged (pass True).
+    Orders that visit the real tokens alike with pads between them (``w7`` and ``h`` on a 4 x 4 grid)
+    differ.
+
+    Returns groups of two or more names (each in DIRECTIONS order, groups ordered by their first
+    member); () when all 8 differ. On 7 x 7: (("h", "w7"), ("h_flip", "w7_flip")).
+    """
+    _check_grid(H, W)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in DIRECTIONS:
+        order = _build_order(name, H, W).tolist()
+        start = next(i for i, r in enumerate(order) if r >= 0) if ignore_leading_pads else 0
+        end = max(i for i, r in enumerate(order) if r >= 0) + 1
+        groups.setdefault(tuple(order[start:end]), []).append(name)
+    return tuple(tuple(names) for names in groups.values() if len(names) > 1)

@@ -106,7 +106,7 @@ def _edit_arch(run, **changes):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("empty_folder", "holds neither last.pt nor alphas.json"),
+    ("empty_folder", "holds no config.yaml, last.pt or alphas.json"),
     ("k0", "-k: expected an int from 1 to 8"),
     ("k9", "-k: expected an int from 1 to 8"),
     ("layers", "expected 2 per-layer lists"),

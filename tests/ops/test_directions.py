@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from nas.ops import DIRECTIONS, apply_scan, inverse_scan_order, scan_length, scan_order, scan_orders, undo_scan
+from nas.ops import (DIRECTIONS, apply_scan, inverse_scan_order, scan_length, scan_order, scan_orders, selective_scan,
+                     undo_scan)
+from nas.ops.directions import coinciding_directions
 
 GRIDS = [(14, 14), (7, 7), (8, 8), (4, 6), (5, 9), (1, 1), (3, 10), (13, 10), (56, 56)]
 
@@ -104,3 +106,53 @@ def test_bad_inputs():
         apply_scan(torch.randn(1, 16, 2), "h", 4, 4, layout="LBC")
     with pytest.raises(ValueError, match="directions: expected at least one direction"):
         scan_orders([], 4, 4)
+
+
+@pytest.mark.parametrize("H,W,groups", [
+    (7, 7, [("h", "w7"), ("h_flip", "w7_flip")]),        # one 7 x 7 window is the raster order
+    (14, 7, [("h", "w7"), ("h_flip", "w7_flip")]),       # 7 wide: windows stacked top to bottom
+    (7, 14, []),                                         # 7 high, 14 wide: two windows side by side
+    (14, 14, []),
+    (56, 56, []),
+    (2, 2, [("h", "w2"), ("h_flip", "w2_flip")]),
+    (6, 2, [("h", "w2"), ("h_flip", "w2_flip")]),
+    (3, 2, []),                                          # w2 pads a bottom row that h does not have
+    (1, 1, [("h", "h_flip", "v", "v_flip")]),             # the window scans pad the one token
+    (1, 5, [("h", "v"), ("h_flip", "v_flip")]),
+    (5, 1, [("h", "v"), ("h_flip", "v_flip")]),
+    (4, 4, []),                                          # w7 visits the 16 tokens in raster order, with pads
+    (5, 9, []),
+])
+def test_coinciding_directions(H, W, groups):
+    assert [tuple(g) for g in coinciding_directions(H, W)] == groups
+
+
+@pytest.mark.parametrize("H", range(1, 16))
+@pytest.mark.parametrize("W", [1, 2, 3, 7, 8, 14])
+def test_coinciding_directions_match_the_loop_orders(H, W):
+    """Every grid: two directions are grouped exactly when their loop-built sequences are equal, pads included."""
+    sequences = {d: expected_order(d, H, W) for d in DIRECTIONS}
+    found = {d: g for g in coinciding_directions(H, W) for d in g}
+    for a in DIRECTIONS:
+        for b in DIRECTIONS:
+            same = a == b or b in found.get(a, ())
+            assert same == (sequences[a] == sequences[b]), (a, b)
+
+
+@pytest.mark.parametrize("H,W,coincide", [(7, 7, True), (4, 4, False), (5, 7, False)])
+def test_pads_make_same_token_order_a_different_scan(H, W, coincide):
+    """w7 and h visit the real tokens of a grid at most 7 wide in the same order; only without pads do the
+    scans give the same output (pad steps decay the state), which is why pads count for coinciding."""
+    assert [d for d in scan_order("w7", H, W).tolist() if d >= 0] == list(range(H * W))
+    torch.manual_seed(0)
+    D, N, L = 3, 4, H * W
+    u, delta = torch.randn(1, L, D), torch.randn(1, L, D)
+    B, C = torch.randn(1, L, N), torch.randn(1, L, N)
+    A, delta_bias = -torch.rand(D, N) - 0.5, torch.rand(D)
+    outputs = []
+    for name in ("h", "w7"):
+        seq = [apply_scan(t, name, H, W).transpose(1, 2) for t in (u, delta, B, C)]
+        y = selective_scan(*seq[:2], A, *seq[2:], delta_bias=delta_bias, delta_softplus=True, backend="ref")
+        outputs.append(undo_scan(y.transpose(1, 2), name, H, W))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) == coincide
+    assert (("h", "w7") in coinciding_directions(H, W)) == coincide
