@@ -3,12 +3,10 @@
 Each trial is the base config plus the values it samples from ``tune.params``, run by ``run_search`` in its own
 folder ``RUN/trial_NNNN/`` (a full search run folder: config, checkpoints, alphas, logs). What a trial reports:
 - every epoch, the supernet's top-1 as the search logs it (``val_top1``); with the selection split (the default,
-  see ``nas.tune.selection``) that is top-1 on the held-out selection images for the joint and sampled
-  strategies; the bilevel strategy logs top-1 on its own alpha held-out split instead. The pruner (``tune.pruner``:
-  median or Hyperband, steps = epochs) compares these.
-- at the end, its value: the supernet's top-1 on the selection split after the last epoch (for bilevel trials
-  the final supernet is evaluated on it once more, so every trial's value is measured on the same images).
-  Without a selection split (``selection_fraction: null``) the value is the last epoch's ``val_top1``.
+  see ``nas.tune.selection``) that is top-1 on the held-out selection images, for every strategy (the bilevel
+  strategy's alpha data is split off the remaining training images and never replaces val). The pruner
+  (``tune.pruner``: median or Hyperband, steps = epochs) compares these.
+- at the end, its value: the last epoch's ``val_top1``, so every trial's value is measured on the same images.
 A search whose loss stops being finite is pruned (user attribute ``stopped``).
 
 Several processes given the same ``--out`` (or ``--storage`` and ``--study``) share the study: each runs
@@ -25,11 +23,7 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from nas.data import build_datasets, build_loader
-from nas.engine import checkpoint
-from nas.engine.distributed import setup, teardown
-from nas.engine.loop import NonFiniteLoss, evaluate
-from nas.models import create_model
+from nas.engine.loop import NonFiniteLoss
 from nas.search.run import run_search
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
@@ -147,20 +141,6 @@ def pruning_callback(trial: optuna.Trial, metric: str = "val_top1"):
     return on_epoch
 
 
-def evaluate_supernet(cfg: dict, run_dir: str) -> float:
-    """Top-1 of a finished search's supernet on its config's val split (here: the selection split)."""
-    env = setup(cfg["train"]["device"])
-    try:
-        data = build_datasets({**cfg["data"], "heldout_fraction": None}, cfg["img_size"], cfg["seed"])
-        model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
-        model.load_state_dict(checkpoint.load(os.path.join(run_dir, "last.pt"))["model"])
-        model.to(env.device)
-        loader = build_loader(data.val, cfg["train"]["batch_size"], False, cfg["train"]["workers"], cfg["seed"])
-        return evaluate(model, loader, env, cfg["train"]["amp"])["val_top1"]
-    finally:
-        teardown()
-
-
 class SearchObjective:
     def __init__(self, cfg: dict, tune: dict, root: str, data_cfg: dict | None, seed: int):
         self.cfg, self.tune, self.root, self.data_cfg, self.seed = cfg, tune, root, data_cfg, seed
@@ -184,8 +164,6 @@ class SearchObjective:
             trial.set_user_attr("stopped", str(exc))
             raise optuna.TrialPruned(f"stopped: {exc}") from None
         trial.set_user_attr("directions", [list(d) for d in result["directions"]])
-        if self.data_cfg is not None and cfg["strategy"]["name"] == "bilevel":
-            return evaluate_supernet(cfg, run_dir)
         return result["record"]["val_top1"]
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -50,13 +51,23 @@ def test_demo_search_leaves_every_artifact(tmp_path):
     assert len(events.Scalars("epoch/train_loss")) == 2
 
 
-def test_resume_continues_exactly(tmp_path):
+def model_state(run_dir):
+    return checkpoint.load(os.path.join(run_dir, "last.pt"))["model"]
+
+
+@pytest.mark.parametrize("strategy", ["joint", "bilevel", "sampled"])
+def test_resume_continues_exactly(tmp_path, strategy):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert main(TINY + ["--out", straight, "--epochs", "2"]) == 0
-    assert main(TINY + ["--out", split, "--epochs", "2", "--train.stop_after_epochs", "1"]) == 0  # "killed"
+    argv = TINY + ["--epochs", "2", "--strategy.name", strategy, "--strategy.alpha_lr", "0.05"]
+    assert main(argv + ["--out", straight]) == 0
+    assert main(argv + ["--out", split, "--train.stop_after_epochs", "1"]) == 0  # "killed"
     assert checkpoint.load(os.path.join(split, "last.pt"))["loop"]["epoch"] == 1
-    assert main(TINY + ["--out", split, "--resume"]) == 0
-    torch.testing.assert_close(alphas_of(split), alphas_of(straight), rtol=0, atol=1e-6)
+    assert main(argv + ["--out", split, "--resume"]) == 0
+    a, b = model_state(split), model_state(straight)
+    assert a.keys() == b.keys()
+    for key in a:  # weights and alpha
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert alphas_of(straight).abs().max() > 1e-2  # alpha did train, so equality means something
     history = json.load(open(os.path.join(split, "alphas.json")))["epochs"]
     assert [e["epoch"] for e in history] == [1, 2]
 
@@ -69,6 +80,37 @@ def test_other_strategies_run_and_move_alpha(tmp_path, strategy):
     assert torch.isfinite(alphas).all() and alphas.abs().max() > 1e-2  # init is 1e-3 * randn
     if strategy == "bilevel":
         assert os.path.getsize(os.path.join(out, "heldout_files.txt")) > 0
+
+
+def test_bilevel_reports_val_not_its_alpha_split(tmp_path):
+    out = str(tmp_path / "bilevel")
+    assert main(TINY + ["--out", out, "--epochs", "1", "--strategy.name", "bilevel"]) == 0
+    record = json.loads(open(os.path.join(out, "log.jsonl")).readline())
+    assert 0 <= record["heldout_top1"] <= 100 and record["heldout_loss"] > 0  # the alpha steps' own numbers
+    # val_top1 (what best.pt is chosen by) is the saved model's top-1 on val_files.txt, not on heldout_files.txt
+    from nas import config as cfglib
+    from nas.engine.distributed import DistEnv
+    from nas.engine.loop import evaluate
+    from nas.data import build_loader
+    cfg = cfglib.load_yaml(os.path.join(out, "config.yaml"))
+    data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], None)
+    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
+    model.load_state_dict(model_state(out))
+    val = evaluate(model, build_loader(data.val, 24, False), DistEnv())
+    held = evaluate(model, build_loader(data.heldout, 24, False), DistEnv())
+    assert len(data.val) != len(data.heldout)
+    assert record["val_top1"] == pytest.approx(val["val_top1"], abs=1e-9)
+    assert record["val_loss"] == pytest.approx(val["val_loss"], rel=1e-6)
+    assert record["val_loss"] != pytest.approx(held["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_epochs_below_one_is_an_error_before_anything_is_written(tmp_path, capsys, epochs):
+    out = tmp_path / "none"
+    assert main(TINY + ["--out", str(out), "--epochs", epochs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"search.py: error: train.epochs: expected an int >= 1, got {epochs}"]
+    assert not out.exists()
 
 
 def test_alpha_warmup_keeps_alpha_fixed(tmp_path):
@@ -106,23 +148,91 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, result_dir):
+def _ddp_worker(rank, world, port, out, result_dir, strategy):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg, out = resolve_config(*parse_args(TINY + ["--out", out, "--epochs", "1", "--strategy.alpha_lr", "0.05"]))
+    cfg, out = resolve_config(*parse_args(TINY + ["--out", out, "--epochs", "1", "--strategy.alpha_lr", "0.05",
+                                                  "--strategy.name", strategy]))
     result = run_search(cfg, out)
     torch.save(result["alphas"], os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_run_keeps_alpha_identical(tmp_path):
+def _spawn(worker, args, timeout=240):
+    """Run a 2-process gloo group; fail (not hang) if the ranks deadlock."""
+    context = mp.start_processes(worker, args=args, nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the 2-process run did not finish within {timeout} s")
+
+
+@pytest.mark.parametrize("strategy", ["joint", "bilevel", "sampled"])
+def test_two_process_gloo_run_keeps_alpha_identical(tmp_path, strategy):
     out, results = str(tmp_path / "ddp"), tmp_path / "ranks"
     results.mkdir()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), out, str(results)), nprocs=2, start_method="spawn")
+    _spawn(_ddp_worker, (2, _free_port(), out, str(results), strategy))
     a0, a1 = torch.load(results / "rank0.pt"), torch.load(results / "rank1.pt")
     torch.testing.assert_close(a0, a1, rtol=0, atol=0)
     assert a0.abs().max() > 1e-2  # alpha did train
     torch.testing.assert_close(alphas_of(out), a0, rtol=0, atol=0)  # rank 0 wrote the checkpoint
+
+
+def _nan_worker(rank, world, port, out, result_dir, bad_calls):
+    """Rank 1's loss is NaN on the training steps numbered in ``bad_calls`` (all steps if None)."""
+    import contextlib
+    import io
+
+    from nas.search import strategies
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    real, calls = strategies.Strategy.loss, []
+
+    def loss(self, model, images, labels):
+        value, logits = real(self, model, images, labels)
+        calls.append(len(calls))
+        if rank == 1 and (bad_calls is None or calls[-1] in bad_calls):
+            value = value * float("nan")
+        return value, logits
+
+    strategies.Strategy.loss = loss
+    argv = TINY + ["--out", out, "--epochs", "1", "--strategy.alpha_lr", "0.05", "--train.max_bad_steps", "2"]
+    if bad_calls is not None:
+        result = {"code": 0, "stderr": "", "alphas": run_search(*resolve_config(*parse_args(argv)))["alphas"]}
+    else:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            result = {"code": main(argv)}
+        result["stderr"] = err.getvalue()
+    torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, monkeypatch):
+    out, results = str(tmp_path / "nan"), tmp_path / "ranks"
+    results.mkdir()
+    _spawn(_nan_worker, (2, _free_port(), out, str(results), [1]))  # the second of the epoch's 2 steps
+    r0, r1 = torch.load(results / "rank0.pt"), torch.load(results / "rank1.pt")
+    assert r0["code"] == r1["code"] == 0, (r0["stderr"], r1["stderr"])
+    saved = checkpoint.load(os.path.join(out, "last.pt"))
+    assert saved["loop"]["step"] == 1  # two batches, one optimizer step: rank 0 skipped its finite step too
+    torch.testing.assert_close(r0["alphas"], r1["alphas"], rtol=0, atol=0)
+
+
+def test_nan_for_max_bad_steps_stops_every_rank_with_one_line(tmp_path):
+    out, results = str(tmp_path / "nan"), tmp_path / "ranks"
+    results.mkdir()
+    _spawn(_nan_worker, (2, _free_port(), out, str(results), None))
+    for rank in (0, 1):
+        r = torch.load(results / f"rank{rank}.pt")
+        lines = r["stderr"].strip().splitlines()  # the run's own log lines, then the error
+        assert r["code"] == 2 and "Traceback" not in r["stderr"], r
+        assert [line for line in lines if "error" in line] == lines[-1:], lines
+        assert lines[-1].startswith("search.py: error: the loss was not finite for 2 steps in a row"), lines
+    assert not os.path.exists(os.path.join(out, "last.pt"))
 
 
 def test_hierarchical_search_heatmap_knows_its_stages(tmp_path, monkeypatch):
