@@ -4,7 +4,7 @@ patch embedding (16 x 16 conv, images padded to a multiple of the patch) + absol
 embedding; ``depth`` blocks of RMSNorm pre-norm -> LocalVimMixer with the residual kept in fp32 and
 2-D RoPE applied to the hidden states and the residual before every block; final add + RMSNorm,
 mean over tokens (or the middle class token), linear head. State_dict keys follow the released
-LocalMamba checkpoints (see shared/reference/checkpoint_naming.md).
+LocalMamba checkpoints (``nas.models.checkpoint`` reads them in all their saved forms).
 """
 from __future__ import annotations
 

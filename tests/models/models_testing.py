@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import torch
@@ -11,9 +10,7 @@ from nas.models import create_model
 from nas.models.registry import model_spec
 
 
-def scan_backend() -> str:
-    """The fast pure-PyTorch backend when it is installed, else the reference loop."""
-    return "torch" if importlib.util.find_spec("nas.ops.scan_torch") else "ref"
+SCAN_BACKEND = "torch"  # the fast pure-PyTorch scan: what CPU users run
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,10 +36,10 @@ def small_model(name: str, **overrides):
     spec = model_spec(name)
     if num_layers is not None and not spec.search and "directions" not in overrides:
         overrides["directions"] = spec.default_directions()[:num_layers]
-    return create_model(name, **{"backend": scan_backend(), **overrides})
+    return create_model(name, **{"backend": SCAN_BACKEND, **overrides})
 
 
-# ---- state_dict tables, written from shared/reference/checkpoint_naming.md ----
+# ---- state_dict tables: the key names and shapes of the released LocalMamba checkpoints ----
 
 def vim_keys(C: int, depth: int = 20, K: int = 4, search: bool = False, mid_cls_token: bool = False,
              num_classes: int = 1000, L: int = 196, N: int = 16) -> dict[str, tuple]:

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from models_testing import scan_backend
+from models_testing import SCAN_BACKEND
 
 from nas.models import arch_parameters, create_model, set_active_paths, set_batched
 
@@ -13,7 +13,7 @@ ACTIVE = [[0, 3, 5, 6], [1, 2, 4, 7], [2, 3, 6, 7], [0, 1, 4, 5]]
 @pytest.mark.parametrize("name", ["local_vim_demo_search", "local_vssm_demo_search"])
 def test_active_paths_equal_the_supernet_with_the_others_masked(name):
     torch.manual_seed(0)
-    model = create_model(name, backend=scan_backend()).eval()
+    model = create_model(name, backend=SCAN_BACKEND).eval()
     with torch.no_grad():
         for a in arch_parameters(model):
             a.normal_()
@@ -34,14 +34,14 @@ def test_active_paths_equal_the_supernet_with_the_others_masked(name):
 
 def test_inactive_scans_skip_but_every_alpha_gets_a_gradient():
     torch.manual_seed(0)
-    model = create_model("local_vim_demo_search", backend=scan_backend())
+    model = create_model("local_vim_demo_search", backend=SCAN_BACKEND)
     set_active_paths(model, ACTIVE)
     model(torch.randn(2, 3, 28, 28)).square().mean().backward()
     for a in arch_parameters(model):
         assert (a.grad.view(-1) != 0).all()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["layers.0.mixer.x_proj_3.weight"] is not None and grads["layers.0.mixer.x_proj_1.weight"] is None
-    vssm = create_model("local_vssm_demo_search", backend=scan_backend())
+    vssm = create_model("local_vssm_demo_search", backend=SCAN_BACKEND)
     set_active_paths(vssm, ACTIVE)
     vssm(torch.randn(2, 3, 28, 28)).square().mean().backward()
     g = vssm.layers[0].blocks[0].op.x_proj_weight.grad

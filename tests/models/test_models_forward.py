@@ -1,7 +1,7 @@
 """Forward/backward of every registered model; non-square and odd grids; batched scan == per-direction loop."""
 import pytest
 import torch
-from models_testing import scan_backend, small_model
+from models_testing import SCAN_BACKEND, small_model
 
 from nas.models import arch_parameters, create_model, list_models, set_batched
 from nas.models.mixed_scan import gather_scans, scan_tables, undo_scans
@@ -82,6 +82,6 @@ def test_batched_path_makes_one_scan_call_per_layer(monkeypatch):
         monkeypatch.setattr(module, "multi_direction_scan", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     for name in ("local_vim_demo_search", "local_vssm_demo_search"):
         calls.clear()
-        model = create_model(name, backend=scan_backend())
+        model = create_model(name, backend=SCAN_BACKEND)
         model(torch.randn(1, 3, 28, 28))
         assert len(calls) == len(arch_parameters(model))

@@ -8,7 +8,7 @@ the LN switched to identity and the weights to one-hot-ish 0/1, it equals the de
 import pytest
 import torch
 import torch.nn as nn
-from models_testing import scan_backend
+from models_testing import SCAN_BACKEND
 
 from nas.models import create_model, derived_from_supernet
 from nas.models.mixed_scan import MultiScan
@@ -33,7 +33,7 @@ def _force_alpha(supernet, chosen):
 
 def _pair(search_name, derived_name):
     torch.manual_seed(0)
-    supernet = create_model(search_name, backend=scan_backend()).eval()
+    supernet = create_model(search_name, backend=SCAN_BACKEND).eval()
     directions = _force_alpha(supernet, _chosen(supernet.num_layers))
     derived = derived_from_supernet(supernet, derived_name, directions).eval()
     return supernet, derived, directions
