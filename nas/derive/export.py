@@ -59,8 +59,9 @@ def load_yaml_file(path: str, what: str):
         mark = exc.problem_mark or exc.context_mark
         raise DeriveError(f"{what}: {path} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: "
                           f"{exc.problem or exc.context})") from None
-    except yaml.YAMLError as exc:  # bytes that are no text (a reader error) carry a position, not a mark
-        raise DeriveError(f"{what}: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except yaml.reader.ReaderError as exc:  # bytes that are no text carry a position, not a line
+        raise DeriveError(f"{what}: {path} is not valid YAML (character {exc.position + 1} is not "
+                          f"{exc.encoding} text)") from None
     except OSError as exc:
         raise DeriveError(f"{what}: {path} cannot be read ({exc.strerror})") from None
 
@@ -110,8 +111,10 @@ def read_run(run_dir: str) -> dict:
     if os.path.isfile(last):
         try:
             state = checkpoint.load(last)
-        except ValueError as exc:
-            raise DeriveError(f"run: {exc}") from None
+        except ValueError:
+            fallback = f"; move it away to derive from {history_path}" if history is not None else ""
+            raise DeriveError(f"run: {last} could not be read as a checkpoint (damaged, truncated or not written "
+                              f"by search.py){fallback}") from None
         model_name = state.get("model_name", model_name)
         epoch = (state.get("loop") or {}).get("epoch")
         alphas = [v.double().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
@@ -144,7 +147,8 @@ def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int) -> tor
     distinct = len(DIRECTIONS) - sum(len(g) - 1 for g in groups)
     if k > distinct:
         raise DeriveError(f"--distinct: layer {layer} scans a {grid[0]} x {grid[1]} token grid, on which the "
-                          f"{len(DIRECTIONS)} candidates are only {distinct} different scans; -k {k} asks for more")
+                          f"{len(DIRECTIONS)} candidates are {distinct} different scan{'s' if distinct > 1 else ''}; "
+                          f"-k {k} asks for more")
     scores = scores.clone()
     for group in groups:
         members = [DIRECTIONS.index(d) for d in group]
