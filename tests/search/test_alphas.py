@@ -128,7 +128,8 @@ def test_report_writes_one_tensorboard_chart_per_layer(tmp_path):
     assert set(summary) == {"alpha_entropy_mean", "alpha_gap45_mean"}
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     scalars = events.Tags()["scalars"]
-    assert "alpha/layer00/w7_flip" in scalars and events.Scalars("alpha/layer01/h")[0].value == pytest.approx(probs[1][0])
+    assert "alpha/layer00/w7_flip" in scalars
+    assert events.Scalars("alpha/layer01/h")[0].value == pytest.approx(probs[1][0])
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     (category,) = layout.category
