@@ -108,51 +108,66 @@ def test_bad_inputs():
         scan_orders([], 4, 4)
 
 
-@pytest.mark.parametrize("H,W,groups", [
-    (7, 7, [("h", "w7"), ("h_flip", "w7_flip")]),        # one 7 x 7 window is the raster order
-    (14, 7, [("h", "w7"), ("h_flip", "w7_flip")]),       # 7 wide: windows stacked top to bottom
-    (7, 14, []),                                         # 7 high, 14 wide: two windows side by side
-    (14, 14, []),
-    (56, 56, []),
-    (2, 2, [("h", "w2"), ("h_flip", "w2_flip")]),
-    (6, 2, [("h", "w2"), ("h_flip", "w2_flip")]),
-    (3, 2, []),                                          # w2 pads a bottom row that h does not have
-    (1, 1, [("h", "h_flip", "v", "v_flip")]),             # the window scans pad the one token
-    (1, 5, [("h", "v"), ("h_flip", "v_flip")]),
-    (5, 1, [("h", "v"), ("h_flip", "v_flip")]),
-    (4, 4, []),                                          # w7 visits the 16 tokens in raster order, with pads
-    (5, 9, []),
+H_W7, HF_W7F = ("h", "w7"), ("h_flip", "w7_flip")
+
+
+@pytest.mark.parametrize("H,W,groups,without_leading_pads", [
+    (7, 7, [H_W7, HF_W7F], None),                      # one 7 x 7 window is the raster order
+    (14, 7, [H_W7, HF_W7F], None),                     # 7 wide: windows stacked top to bottom
+    (7, 14, [], None),                                 # 7 high, 14 wide: two windows side by side
+    (14, 14, [], None),
+    (56, 56, [], None),
+    (5, 7, [H_W7], [H_W7, HF_W7F]),                    # w7 pads 2 rows at the end; w7_flip starts with them
+    (2, 2, [("h", "w2"), ("h_flip", "w2_flip")], None),
+    (6, 2, [("h", "w2"), ("h_flip", "w2_flip")], None),
+    (3, 2, [("h", "w2")], [("h", "w2"), ("h_flip", "w2_flip")]),
+    (1, 1, [("h", "h_flip", "v", "v_flip", "w2", "w7")], [DIRECTIONS]),  # one token, padded at the end
+    (1, 5, [("h", "v", "w7"), ("h_flip", "v_flip")], [("h", "v", "w7"), ("h_flip", "v_flip", "w7_flip")]),
+    (5, 1, [("h", "v"), ("h_flip", "v_flip")], None),  # w2, w7 pad between the tokens
+    (4, 4, [], None),                                  # w7 visits the 16 tokens in raster order, pads between rows
+    (5, 9, [], None),
 ])
-def test_coinciding_directions(H, W, groups):
+def test_coinciding_directions(H, W, groups, without_leading_pads):
     assert [tuple(g) for g in coinciding_directions(H, W)] == groups
+    assert [tuple(g) for g in coinciding_directions(H, W, ignore_leading_pads=True)] == (without_leading_pads or groups)
+
+
+def trimmed(sequence, leading):
+    """A scan sequence without its trailing pad steps (and its leading ones when asked)."""
+    real = [i for i, r in enumerate(sequence) if r >= 0]
+    return sequence[real[0] if leading else 0: real[-1] + 1]
 
 
 @pytest.mark.parametrize("H", range(1, 16))
 @pytest.mark.parametrize("W", [1, 2, 3, 7, 8, 14])
-def test_coinciding_directions_match_the_loop_orders(H, W):
-    """Every grid: two directions are grouped exactly when their loop-built sequences are equal, pads included."""
-    sequences = {d: expected_order(d, H, W) for d in DIRECTIONS}
-    found = {d: g for g in coinciding_directions(H, W) for d in g}
+@pytest.mark.parametrize("leading", [False, True])
+def test_coinciding_directions_match_the_loop_orders(H, W, leading):
+    """Every grid: two directions are grouped exactly when their loop-built sequences are equal, interior pads
+    included, trailing pads (and leading ones when ignored) left out."""
+    sequences = {d: trimmed(expected_order(d, H, W), leading) for d in DIRECTIONS}
+    found = {d: g for g in coinciding_directions(H, W, ignore_leading_pads=leading) for d in g}
     for a in DIRECTIONS:
         for b in DIRECTIONS:
             same = a == b or b in found.get(a, ())
             assert same == (sequences[a] == sequences[b]), (a, b)
 
 
-@pytest.mark.parametrize("H,W,coincide", [(7, 7, True), (4, 4, False), (5, 7, False)])
-def test_pads_make_same_token_order_a_different_scan(H, W, coincide):
-    """w7 and h visit the real tokens of a grid at most 7 wide in the same order; only without pads do the
-    scans give the same output (pad steps decay the state), which is why pads count for coinciding."""
-    assert [d for d in scan_order("w7", H, W).tolist() if d >= 0] == list(range(H * W))
+@pytest.mark.parametrize("H,W", [(7, 7), (5, 7), (4, 4), (5, 3), (1, 1)])
+@pytest.mark.parametrize("pair", [H_W7, HF_W7F])
+def test_grouped_scans_give_the_same_output_when_pads_are_zero_inputs(H, W, pair):
+    """w7 visits the real tokens of a grid at most 7 wide as h does (w7_flip as h_flip); the selective scan over
+    zero-padded inputs (SS2D's case) gives the same output exactly when they are grouped with leading pads
+    ignored: pads between tokens decay the state, pads before the first or after the last do not matter."""
+    assert [r for r in scan_order(pair[1], H, W).tolist() if r >= 0] == scan_order(pair[0], H, W).tolist()
     torch.manual_seed(0)
     D, N, L = 3, 4, H * W
     u, delta = torch.randn(1, L, D), torch.randn(1, L, D)
     B, C = torch.randn(1, L, N), torch.randn(1, L, N)
     A, delta_bias = -torch.rand(D, N) - 0.5, torch.rand(D)
     outputs = []
-    for name in ("h", "w7"):
+    for name in pair:
         seq = [apply_scan(t, name, H, W).transpose(1, 2) for t in (u, delta, B, C)]
         y = selective_scan(*seq[:2], A, *seq[2:], delta_bias=delta_bias, delta_softplus=True, backend="ref")
         outputs.append(undo_scan(y.transpose(1, 2), name, H, W))
-    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) == coincide
-    assert (("h", "w7") in coinciding_directions(H, W)) == coincide
+    grouped = any(set(pair) <= set(g) for g in coinciding_directions(H, W, ignore_leading_pads=True))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) == grouped
