@@ -95,7 +95,8 @@ def read_run(run_dir: str) -> dict:
     """The search run's config, latest probabilities (and the epoch they are from), per-epoch history, and
     each layer's token grid and coinciding directions.
 
-    Reads ``last.pt`` (its alphas) when present, else the last epoch of ``alphas.json``."""
+    Reads ``last.pt`` (its alphas) when present, else the last epoch of ``alphas.json``; a run stopped inside
+    an epoch is derived from the last finished epoch (``alphas.json``)."""
     if not os.path.isdir(run_dir):
         raise DeriveError(f"run: {run_dir!r} is not a folder")
     cfg_path, last, history_path = (os.path.join(run_dir, n) for n in ("config.yaml", "last.pt", "alphas.json"))
@@ -107,7 +108,7 @@ def read_run(run_dir: str) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
         raise DeriveError(f"run: {cfg_path} is not a search config (expected a mapping with a 'model' name)")
     history = _read_history(history_path) if os.path.isfile(history_path) else None
-    model_name, epoch = cfg["model"], None
+    model_name, epoch, scores = cfg["model"], None, None
     if os.path.isfile(last):
         try:
             state = checkpoint.load(last)
@@ -116,15 +117,21 @@ def read_run(run_dir: str) -> dict:
             raise DeriveError(f"run: {last} could not be read as a checkpoint (damaged, truncated or not written "
                               f"by search.py){fallback}") from None
         model_name = state.get("model_name", model_name)
-        epoch = (state.get("loop") or {}).get("epoch")
-        alphas = [v.double().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
-        if not alphas:
-            raise DeriveError(f"run: {last!r} holds no alpha parameters; is it a search checkpoint?")
-        scores = torch.stack(alphas)
-    elif history is not None:
-        epoch = history["epochs"][-1]["epoch"]
-        scores = torch.tensor(history["epochs"][-1]["probs"], dtype=torch.float64).clamp_min(1e-300).log()
-    if epoch == 0 or (not os.path.isfile(last) and history is None):
+        loop = state.get("loop") or {}
+        epoch = loop.get("epoch")
+        if not loop.get("batch"):  # a checkpoint of a run stopped inside an epoch holds no epoch's alphas
+            alphas = [v.double().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
+            if not alphas:
+                raise DeriveError(f"run: {last!r} holds no alpha parameters; is it a search checkpoint?")
+            scores = torch.stack(alphas)
+    if scores is None and history is not None and epoch != 0:
+        entries = [e for e in history["epochs"] if epoch is None or e["epoch"] == epoch]
+        if entries:
+            epoch = entries[-1]["epoch"]
+            scores = torch.tensor(entries[-1]["probs"], dtype=torch.float64).clamp_min(1e-300).log()
+    if scores is None or epoch == 0:
+        if epoch:
+            raise DeriveError(f"run: {history_path} holds no record of epoch {epoch}, the last one {last} finished")
         raise DeriveError(f"run: {run_dir!r} has no finished search epoch yet (last.pt and alphas.json are written "
                           f"when the first epoch ends); resume the search with the same search.py command")
     # alpha up to a constant, centred so that float32 ranking (derive_directions) keeps its small differences

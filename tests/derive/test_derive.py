@@ -151,20 +151,29 @@ def test_bad_input_is_one_line_exit_2(search_run, tmp_path, capsys, case, messag
     assert len(err) == 1 and err[0].startswith("derive.py: error: ") and message in err[0], err
 
 
-def synthetic_run(folder, model_name, alphas, epoch=3, img_size=28, **model_args):
-    """A search run folder as search.py leaves it (config.yaml, last.pt, alphas.json), with chosen alphas."""
+def synthetic_run(folder, model_name, alphas, epoch=3, img_size=28, loop=None, history_alphas=None, **model_args):
+    """A search run folder as search.py leaves it (config.yaml, last.pt, alphas.json), with chosen alphas.
+
+    loop: the checkpoint's loop state (default: ``epoch`` finished); history_alphas: the alphas that
+    alphas.json records for that epoch (default: ``alphas``; None for the probabilities to match last.pt)."""
     model = create_model(model_name, img_size=img_size, **model_args)
-    with torch.no_grad():
-        for param, row in zip(arch_parameters(model), alphas):
-            param.copy_(torch.as_tensor(row, dtype=torch.float32).view_as(param))
+
+    def set_alphas(rows):
+        with torch.no_grad():
+            for param, row in zip(arch_parameters(model), rows):
+                param.copy_(torch.as_tensor(row, dtype=torch.float32).view_as(param))
+
     os.makedirs(folder)
     cfglib.save({"model": model_name, "img_size": img_size, "model_args": model_args},
                 os.path.join(folder, "config.yaml"))
-    checkpoint.save({"model": model.state_dict(), "loop": {"epoch": epoch}, "model_name": model_name},
-                    os.path.join(folder, "last.pt"))
     history = AlphaHistory()
-    history.record(epoch, layer_probs(model))
+    if epoch:
+        set_alphas(alphas if history_alphas is None else history_alphas)
+        history.record(epoch, layer_probs(model))
     history.write(os.path.join(folder, "alphas.json"))
+    set_alphas(alphas)
+    checkpoint.save({"model": model.state_dict(), "loop": loop or {"epoch": epoch}, "model_name": model_name},
+                    os.path.join(folder, "last.pt"))
     return folder
 
 
@@ -334,3 +343,21 @@ def test_damaged_run_files_are_one_line_errors(search_run, tmp_path, capsys, cas
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("derive.py: error: ") and re.search(pattern, err[0]), err
     assert not os.path.exists(os.path.join(run, "retrain"))
+
+
+def test_a_run_stopped_inside_an_epoch_is_derived_from_its_last_finished_epoch(tmp_path, capsys):
+    epoch1 = torch.zeros(2, 8)
+    epoch1[:, :4] = 1.0  # h, h_flip, v, v_flip at the end of epoch 1
+    later = torch.zeros(2, 8)
+    later[:, 4:] = 1.0  # the window scans lead halfway through epoch 2
+    run = synthetic_run(str(tmp_path / "mid"), "local_vim_demo_search", later, epoch=1, loop={"epoch": 1, "batch": 2},
+                        history_alphas=epoch1, depth=2, embed_dim=16)
+    assert derive_main([run]) == 0
+    arch = arch_of(run)
+    assert arch["epoch"] == 1 and arch["directions"] == [["h", "h_flip", "v", "v_flip"]] * 2
+    run = synthetic_run(str(tmp_path / "first"), "local_vim_demo_search", later, epoch=0, loop={"epoch": 0, "batch": 2},
+                        depth=2, embed_dim=16)
+    capsys.readouterr()
+    assert derive_main([run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no finished search epoch yet" in err[0]
