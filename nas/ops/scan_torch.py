@@ -9,8 +9,12 @@ Same semantics as ``selective_scan_ref`` (see ``nas.ops.selective_scan``). Why t
   ever exponentiated, never a cumulative sum.
 - Time is cut into chunks of T steps. A chunk's (T, batch, D, N) decays and states live in work
   buffers reused by every chunk (cache-sized); only the state entering each chunk is kept,
-  (L / T) x (batch, D, N). Nothing of size (batch, D, L, N) is ever stored, and the elementwise work
-  around the scan (softplus, D, the z gate and their gradients) is done chunk by chunk as well.
+  (L / T) x (batch, D, N). Nothing of size (batch, D, L, N) is ever stored. The elementwise work of
+  size (L, batch, D) around the scan (softplus, delta * u, D, the z gate and their gradients) is done
+  once per tile, outside the chunk loop, so that only ops on the state run per chunk or per step.
+- Keeping every chunk's decays and states for the backward (instead of recomputing them, with their
+  exponentials) was measured slower on CPU: they no longer fit in cache, and writing and reading them
+  back through memory costs more than the recomputation.
 - The backward walks the chunks in reverse: it recomputes a chunk's states from its saved entry
   state, runs the adjoint recurrence g_t = C_t * dy_t + a_{t+1} * g_{t+1} backwards in time, and
   turns (h, g) into the gradients of every input with batched matmuls and in-place products.
@@ -18,8 +22,12 @@ Same semantics as ``selective_scan_ref`` (see ``nas.ops.selective_scan``). Why t
   into tiles of about TILE_ELEMS values per thread, and each tile runs the whole chunked scan before
   the next. Untiled, at (batch 8, 8 groups of 256 channels, N 16) the state is 4 MB and each work
   buffer 15 MB, every per-step update streams through memory, and one call over all groups is slower
-  than a loop over them. A tile's state stays in L2 and its work buffers (~2 MB) in L3, while its
-  per-step ops stay large enough to hide PyTorch's per-op overhead.
+  than a loop over them. A tile's state and its work buffers stay in L2, while its per-step ops stay
+  large enough to hide PyTorch's per-op overhead.
+- What bounds it: every PyTorch op is one pass over its operands, and a chunk's forward and backward
+  take about 36 such reads and writes of 4 bytes per state value and step; at cache bandwidth that,
+  not the exponentials or the multiply-adds, sets the time (``benchmarks/bench_supernet.py`` prints
+  the time against both floors).
 
 Arithmetic is fp32 (float64 for float64 inputs); y comes back in u's dtype, the last state in fp32
 (float64 for float64 inputs, as the reference does). On 2 CPU cores, forward + backward at
@@ -36,23 +44,30 @@ from torch.autograd.function import once_differentiable
 
 from nas.ops.selective_scan import compute_dtype
 
-# Chunk length T: None picks one so that a (T, rows, N, D/G) work tensor of a tile holds about
-# CHUNK_ELEMS values (at most 64 steps), but at least max(4, sqrt(L)) steps: for a large state the
-# L / T saved chunk states and the three T-step work buffers then cost about the same memory.
 # Tile rows: None picks the most (batch, group) rows whose state holds at most TILE_ELEMS values per
 # CPU thread (128 KB of fp32 per thread measured best on 1 and 2 threads; smaller tiles lose to the
-# per-op overhead). Set ints to force them (tests).
+# per-op overhead). Chunk length T: None picks, on CPU, the most steps whose (T, rows, N, D/G) work
+# tensor holds at most CHUNK_ELEMS values per thread (4 to 64 steps): the three work buffers of the
+# backward then stay in L2 (512 KB each per thread; the 2 MB buffers of 4x larger chunks measured
+# 10-20% slower, every elementwise pass over them reading L3). Elsewhere (one tile for the whole
+# state) at least max(4, sqrt(L)) steps, so that the L / T saved chunk states cost about as much as the
+# work buffers. Set ints to force them (tests).
 CHUNK = None
-CHUNK_ELEMS = 1 << 19
+CHUNK_ELEMS = 1 << 17
 TILE_ROWS = None
 TILE_ELEMS = 1 << 15
 SOFTPLUS_THRESHOLD = 20.0
 LOG2E = 1.4426950408889634
 
 
-def _chunk_len(L: int, rows: int, row: int) -> int:
+def _chunk_len(L: int, rows: int, row: int, device: torch.device) -> int:
     """T for a tile of `rows` rows of `row` state values each."""
-    T = CHUNK or max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, rows * row)))
+    if CHUNK:
+        T = CHUNK
+    elif device.type == "cpu":
+        T = max(4, min(64, CHUNK_ELEMS * torch.get_num_threads() // (rows * row)))
+    else:
+        T = max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, rows * row)))
     return max(1, min(T, L))
 
 
@@ -76,26 +91,6 @@ def _from_tm_into(out: torch.Tensor, xT: torch.Tensor) -> None:
 # [g, :, j]. Then <C_t, h_t> and the other contractions over N are (1, N) @ (N, D/G) matmuls, which
 # are fast, where (D/G, N) @ (N, 1) with its length-16 inner product is not.
 
-def _chunk_states(dt, dtx, At2, B, h0, abuf, hbuf):
-    """Run the recurrence over one chunk of t steps, in the work buffers.
-
-    dt, dtx: (t, batch, D) delta and delta * u; At2: (G, N, D/G) A * log2(e) in the state layout (exp2
-    is about 3x faster than exp on CPU); B: (t, batch, G, N); h0: (batch, G, N, D/G) the state before
-    the chunk. Returns a = exp(dt * A) (t, batch, G, N, D/G) and h (t + 1, batch, G, N, D/G) with
-    h[0] = h0 and h[i + 1] the state after step i (views into abuf, hbuf).
-    """
-    t, batch, _ = dt.shape
-    G, N, dg = At2.shape
-    a = torch.mul(dt.view(t, batch, G, 1, dg), At2, out=abuf[:t]).exp2_()
-    h = hbuf[:t + 1]
-    h[0].copy_(h0)
-    torch.mul(dtx.view(t, batch, G, 1, dg), B.unsqueeze(-1), out=h[1:])  # the input term dt * u * B
-    hs, as_ = h.unbind(0), a.unbind(0)
-    for i in range(t):
-        hs[i + 1].addcmul_(as_[i], hs[i])
-    return a, h
-
-
 def _delta(d_raw, softplus, need_grad=False):
     """Chunk of delta (+ bias) (t, batch, D) -> dt [, d dt / d d_raw]: softplus with threshold 20."""
     if not softplus:
@@ -113,11 +108,14 @@ class _Scan:
     xT, dT, zT: (L, batch, D) u, delta + delta_bias (before softplus) and z; At: (G, N, D/G) A in the
     state layout; BT, CT: (L, batch, G, N); Dv: (D,) or None (batch, G and D those of the tile). T: the
     chunk length; work: (2 T + 1, at least the tile's state size) (3 T + 1 for the backward).
+    Everything of size (L, batch, D) (softplus, delta * u, the D term, the z gate and their gradients) is
+    done once for the whole tile, outside the chunk loop: only the ops on the (batch, G, N, D/G) state
+    run per chunk or per step.
     """
 
     def __init__(self, xT, dT, zT, At, BT, CT, Dv, softplus, T, work):
-        self.xT, self.dT, self.zT, self.At, self.BT, self.CT, self.Dv = xT, dT, zT, At, BT, CT, Dv
-        self.softplus = softplus
+        self.xT, self.zT, self.At, self.BT, self.CT, self.Dv = xT, zT, At, BT, CT, Dv
+        self.dT, self.softplus = dT, softplus
         L, batch, _ = xT.shape
         self.T = T
         self.starts = range(0, L, T)
@@ -127,70 +125,76 @@ class _Scan:
         bufs = work.view(-1)[:math.prod(shape)].view(shape)
         self.abuf, self.hbuf, self.gbuf = bufs[:T], bufs[T:2 * T + 1], bufs[2 * T + 1:]
 
-    def chunk(self, c, h0, need_grad=False):
-        """Recompute chunk c from its entry state h0: returns (s, t, x, dt, sp_grad, dtx, a, h, y0)
-        with y0 = <C, h> (t, batch, D) (None in the backward without z, which does not need it), a and h
-        as in ``_chunk_states``."""
-        s = self.starts[c]
-        t = min(self.T, self.xT.shape[0] - s)
-        x = self.xT[s:s + t]
-        dt, sp_grad = _delta(self.dT[s:s + t], self.softplus, need_grad)
-        dtx = dt * x
-        a, h = _chunk_states(dt, dtx, self.At2, self.BT[s:s + t], h0, self.abuf, self.hbuf)
-        y0 = None
-        if not need_grad or self.zT is not None:
-            G, N, dg = self.At.shape
-            m = t * x.shape[1] * G  # batch of the matmuls
-            y0 = torch.bmm(self.CT[s:s + t].view(m, 1, N), h[1:].view(m, N, dg)).view(x.shape)
-        return s, t, x, dt, sp_grad, dtx, a, h, y0
+    def states(self, s, t, dt, dtx, h0):
+        """Chunk [s, s + t): a = exp(dt * A) (t, batch, G, N, D/G) and h (t + 1, ...) with h[0] = h0 and
+        h[i + 1] the state after step s + i (views into the work buffers)."""
+        G, N, dg = self.At.shape
+        batch = dt.shape[1]
+        a = torch.mul(dt[s:s + t].view(t, batch, G, 1, dg), self.At2, out=self.abuf[:t]).exp2_()
+        h = self.hbuf[:t + 1]
+        h[0].copy_(h0)
+        # the input term dt * u * B
+        torch.mul(dtx[s:s + t].view(t, batch, G, 1, dg), self.BT[s:s + t].unsqueeze(-1), out=h[1:])
+        hs, as_ = h.unbind(0), a.unbind(0)
+        for i in range(t):
+            hs[i + 1].addcmul_(as_[i], hs[i])
+        return a, h
 
     def forward(self, states):
-        """Fills states (n_chunks, batch, G, N, D/G) with the state entering every chunk; returns y
-        (L, batch, D) and the last state (a view into the work buffer)."""
-        yT = torch.empty_like(self.xT)
-        n = len(self.starts)
+        """Fills states (n_chunks, batch, G, N, D/G) with the state entering every chunk; returns y (L,
+        batch, D), y before the z gate (for the backward; None without z) and the last state (a view
+        into the work buffer)."""
+        xT = self.xT
+        L, batch, dim = xT.shape
+        G, N, dg = self.At.shape
+        dt, _ = _delta(self.dT, self.softplus)
+        dtx = dt * xT
+        y = torch.empty_like(xT)
         states[0].zero_()
-        for c in range(n):
-            s, t, x, _, _, _, _, h, y = self.chunk(c, states[c])
-            if c + 1 < n:
+        h = None
+        for c, s in enumerate(self.starts):
+            t = min(self.T, L - s)
+            _, h = self.states(s, t, dt, dtx, states[c])
+            if c + 1 < len(self.starts):
                 states[c + 1].copy_(h[t])
-            if self.Dv is not None:
-                y.addcmul_(x, self.Dv)
-            if self.zT is not None:
-                y.mul_(F.silu(self.zT[s:s + t]))
-            yT[s:s + t] = y
-        return yT, h[t]
+            m = t * batch * G
+            torch.bmm(self.CT[s:s + t].view(m, 1, N), h[1:].view(m, N, dg), out=y[s:s + t].view(m, 1, dg))
+        if self.Dv is not None:
+            y.addcmul_(xT, self.Dv)
+        if self.zT is None:
+            return y, None, h[t]
+        return y * F.silu(self.zT), y, h[t]
 
-    def backward(self, gyT, g_last, states):
-        """gyT: (L, batch, D) gradient of y (overwritten); g_last: (batch, G, N, D/G) gradient of the last
-        state, or None. Returns the gradients of u, delta (before softplus) and z, time-major (L, batch,
-        D), of B, C (L, batch, G, N), of A in the state layout (G, N, D/G) and of D (D,)."""
-        At, BT, CT, Dv, zT = self.At, self.BT, self.CT, self.Dv, self.zT
-        _, batch, dim = gyT.shape
+    def backward(self, gyT, y1, g_last, states):
+        """gyT: (L, batch, D) gradient of y; y1: y before the z gate (None without z); g_last: (batch, G,
+        N, D/G) gradient of the last state, or None. Returns the gradients of u, delta (before softplus)
+        and z, time-major (L, batch, D), of B, C (L, batch, G, N), of A in the state layout (G, N, D/G)
+        and of D (D,)."""
+        At, BT, CT, Dv, zT, xT = self.At, self.BT, self.CT, self.Dv, self.zT, self.xT
+        L, batch, dim = gyT.shape
         G, N, dg = At.shape
-        gxT, gdT = torch.empty_like(gyT), torch.empty_like(gyT)
-        gzT = None if zT is None else torch.empty_like(gyT)
+        gzT = gD = None
+        gy = gyT
+        if zT is not None:  # y = y1 * silu(z), y1 = y0 + D u; d silu(z)/dz = s (1 + z (1 - s)), s = sigmoid(z)
+            sz = torch.sigmoid(zT)
+            gzT = torch.mul(gyT, y1).mul_((1 - sz).mul_(zT).add_(1).mul_(sz))
+            gy = gyT * sz.mul_(zT)
+        if Dv is not None:
+            gD = (gy * xT).sum((0, 1))
+        dt, sp_grad = _delta(self.dT, self.softplus, need_grad=True)
+        dtx = dt * xT
         gB, gC = torch.empty_like(BT), torch.empty_like(CT)
+        g_dtx, gdt = torch.empty_like(xT), torch.empty_like(xT)
         gAt = torch.zeros_like(At)
-        gD = None if Dv is None else torch.zeros_like(Dv)
         # d loss / d h at the end of the current chunk, from later steps
         carry = torch.zeros_like(self.hbuf[0]) if g_last is None else torch.empty_like(self.hbuf[0]).copy_(g_last)
         for c in reversed(range(len(self.starts))):
-            s, t, x, dt, sp_grad, dtx, a, h, y = self.chunk(c, states[c], need_grad=True)
+            s = self.starts[c]
+            t = min(self.T, L - s)
             m = t * batch * G
-            gy = gyT[s:s + t]
-            if zT is not None:  # y = y1 * silu(z), y1 = y0 + D u
-                if Dv is not None:
-                    y.addcmul_(x, Dv)
-                z = zT[s:s + t]
-                sz = torch.sigmoid(z)
-                # d silu(z)/dz = s (1 + z (1 - s)), s = sigmoid(z)
-                torch.mul(gy, y, out=gzT[s:s + t]).mul_((1 - sz).mul_(z).add_(1).mul_(sz))
-                gy.mul_(sz.mul_(z))
-            if Dv is not None:
-                gD.add_((gy * x).sum((0, 1)))
+            a, h = self.states(s, t, dt, dtx, states[c])
             # Adjoint: g[i] = d loss / d h_i = C_i * dy_i + a_{i+1} * g[i+1].
-            g = torch.mul(gy.view(t, batch, G, 1, dg), CT[s:s + t].unsqueeze(-1), out=self.gbuf[:t])
+            g = torch.mul(gy[s:s + t].view(t, batch, G, 1, dg), CT[s:s + t].unsqueeze(-1), out=self.gbuf[:t])
             g[t - 1].add_(carry)
             gs, as_ = g.unbind(0), a.unbind(0)
             for i in range(t - 2, -1, -1):
@@ -198,23 +202,22 @@ class _Scan:
             torch.mul(as_[0], gs[0], out=carry)
             hv, gv = h[1:].view(m, N, dg), g.view(m, N, dg)
             # y0 = <C, h>  ->  gC[n] = sum_j dy[j] h[n, j]  (over the channels j of the group)
-            torch.bmm(gy.view(m, 1, dg), hv.transpose(1, 2), out=gC[s:s + t].view(m, 1, N))
+            torch.bmm(gy[s:s + t].view(m, 1, dg), hv.transpose(1, 2), out=gC[s:s + t].view(m, 1, N))
             # input term dtx * B  ->  g_dtx = <B, g>,  gB[n] = sum_j dtx[j] g[n, j]
-            g_dtx = torch.bmm(BT[s:s + t].view(m, 1, N), gv).view(t, batch, dim)
-            torch.bmm(dtx.view(m, 1, dg), gv.transpose(1, 2), out=gB[s:s + t].view(m, 1, N))
+            torch.bmm(BT[s:s + t].view(m, 1, N), gv, out=g_dtx[s:s + t].view(m, 1, dg))
+            torch.bmm(dtx[s:s + t].view(m, 1, dg), gv.transpose(1, 2), out=gB[s:s + t].view(m, 1, N))
             # decay a = exp(dt * A) multiplies h_{i-1}: q = d loss / d(dt * A) = g * a * h_{i-1}
             q = a.mul_(g).mul_(h[:-1])
-            gdt = torch.sum(torch.mul(q, At, out=g), 3).view(t, batch, dim)
-            gAt.add_(torch.mul(q, dt.view(t, batch, G, 1, dg), out=h[1:]).sum((0, 1)))
-            # u and dt enter through dtx = dt * u, and u through D u
-            gx = torch.mul(g_dtx, dt, out=gxT[s:s + t])
-            if Dv is not None:
-                gx.addcmul_(gy, Dv)
-            gdt.addcmul_(g_dtx, x)
-            if sp_grad is not None:
-                gdt.mul_(sp_grad)
-            gdT[s:s + t] = gdt
-        return gxT, gdT, gzT, gB, gC, gAt, gD
+            torch.sum(torch.mul(q, At, out=g), 3, out=gdt[s:s + t].view(t, batch, G, dg))
+            gAt.add_(torch.mul(q, dt[s:s + t].view(t, batch, G, 1, dg), out=h[1:]).sum((0, 1)))
+        # u and dt enter through dtx = dt * u, and u through D u
+        gxT = g_dtx * dt
+        if Dv is not None:
+            gxT.addcmul_(gy, Dv)
+        gdt.addcmul_(g_dtx, xT)
+        if sp_grad is not None:
+            gdt.mul_(sp_grad)
+        return gxT, gdt, gzT, gB, gC, gAt, gD
 
 
 def _split(n: int, most: int) -> list[slice]:
@@ -237,7 +240,7 @@ def _plan(L, batch, G, N, dg, device=torch.device("cpu")):
     else:
         tiles = [(slice(b, b + 1), gs) for b in range(batch) for gs in _split(G, R)]
     rows = max((bs.stop - bs.start) * (gs.stop - gs.start) for bs, gs in tiles)
-    return _chunk_len(L, rows, N * dg), tiles, rows
+    return _chunk_len(L, rows, N * dg, device), tiles, rows
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -265,9 +268,9 @@ class SelectiveScanFn(torch.autograd.Function):
             zT = None if z is None else _to_tm(z[bs, cs], ct)
             BT, CT = _to_tm(B4[bs, gs], ct), _to_tm(C4[bs, gs], ct)  # (L, batch, G, N)
             scan = _Scan(xT, dT, zT, At[gs], BT, CT, None if Dv is None else Dv[cs], delta_softplus, T, work)
-            yT, last[bs, gs] = scan.forward(states[:, bs, gs])
+            yT, y1T, last[bs, gs] = scan.forward(states[:, bs, gs])
             _from_tm_into(y[bs, cs], yT)
-            saved += [xT, dT, zT, BT, CT]
+            saved += [xT, dT, zT, BT, CT, y1T]
         ctx.save_for_backward(At, Dv, states, *saved)
         ctx.plan = (T, tiles, rows)
         ctx.softplus = delta_softplus
@@ -298,10 +301,10 @@ class SelectiveScanFn(torch.autograd.Function):
         work = At.new_empty((3 * T + 1, rows * N * dg))
         for i, (bs, gs) in enumerate(tiles):
             cs = slice(gs.start * dg, gs.stop * dg)
-            xT, dT, zT, BT, CT = saved[5 * i:5 * i + 5]
+            xT, dT, zT, BT, CT, y1T = saved[6 * i:6 * i + 6]
             scan = _Scan(xT, dT, zT, At[gs], BT, CT, None if Dv is None else Dv[cs], ctx.softplus, T, work)
             gxT, gdT, gzT, gBT, gCT, gAt_t, gD_t = scan.backward(
-                _to_tm(gy[bs, cs], ct), None if g_last is None else g_last[bs, gs], states[:, bs, gs])
+                _to_tm(gy[bs, cs], ct), y1T, None if g_last is None else g_last[bs, gs], states[:, bs, gs])
             for out, g in ((gu[bs, cs], gxT), (gdelta[bs, cs], gdT), (gB[bs, gs], gBT), (gC[bs, gs], gCT)):
                 _from_tm_into(out, g)
             if gz is not None:
