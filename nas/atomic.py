@@ -16,6 +16,9 @@ import tempfile
 from nas.errors import UserError
 
 TEMP_MARK = ".tmp-"  # every temporary file is named ".<target name>.tmp-<pid>-<random>"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; run files get the mode open() would give them
 
 
 class WriteError(UserError):
@@ -33,6 +36,7 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     except OSError as exc:
         raise WriteError(f"{path}: cannot write here ({_reason(exc)})") from None
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
@@ -42,8 +46,13 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise WriteError(f"{path}: could not be written ({_reason(exc)})") from None
+            raise write_error(path, exc) from None
         raise
+
+
+def write_error(path: str, exc: OSError) -> WriteError:
+    """The one-line error for a failed write of ``path`` (for writers that cannot be atomic: appends)."""
+    return WriteError(f"{path}: could not be written ({_reason(exc)})")
 
 
 def remove_stale_temps(folder: str) -> list[str]:

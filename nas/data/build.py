@@ -256,4 +256,4 @@ def _dataset(samples: SampleList, img_size: int, train: bool, cfg):
         raise DataError("a file list mixes demo digits and image files; use one or the other")
     transform = build_transform(img_size, train, cfg["scale"], cfg["ratio"], cfg["hflip"], cfg["crop_pct"],
                                 cfg["interpolation"])
-    return ImageFileDataset(samples, transform)
+    return ImageFileDataset(samples, transform, replace_bad=train)

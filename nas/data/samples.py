@@ -17,6 +17,7 @@ from importlib import resources
 
 import numpy as np
 
+from nas.atomic import atomic_write
 from nas.data.errors import DataError
 
 CLASSES_FILE = "classes.txt"
@@ -146,10 +147,8 @@ def write_class_names(path: str, class_names: list[str]) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def read_class_list(path: str) -> list[str]:

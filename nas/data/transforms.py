@@ -1,8 +1,8 @@
 """Image transforms, in our own code (no torchvision): PIL images in, (3, S, S) float tensors out.
 
 Every random transform takes ``generator``: an explicit ``torch.Generator``, or None for torch's global
-RNG. Inside DataLoader workers the global RNG is seeded per worker from the loader's generator (see
-``nas.data.loader``), so seeded runs are reproducible.
+RNG. The training loaders give every sample its own generator, seeded by (run seed, epoch, position in the
+epoch) (see ``nas.data.loader``), so seeded runs are reproducible whatever the number of workers.
 
 Train (the DeiT / LocalMamba recipe): random resized crop -> horizontal flip -> tensor + ImageNet
 normalization. Eval: resize the shorter side to ``img_size / crop_pct`` -> center crop -> tensor + norm.

@@ -14,14 +14,15 @@ import os
 import torch
 
 from nas import config as cfglib
-from nas.data import DATA_DEFAULTS, build_datasets, build_loader
+from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_config
 from nas.derive.export import DeriveError
 from nas.engine import checkpoint
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
-from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run_in_process_group
+from nas.engine.session import data_parallel, find_resume, open_run, resume_changes, run_in_process_group
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
 from nas.engine.optim import adamw, weight_groups
-from nas.engine.run_log import RunLogger
+from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
+from nas.errors import UserError
 from nas.models import create_model, derived_from_supernet
 from nas.models.arch import read_arch_file
 
@@ -36,8 +37,23 @@ RETRAIN_DEFAULTS = {
     "data": dict(DATA_DEFAULTS),
     "train": {**TRAIN_DEFAULTS, "epochs": 300, "mixup": 0.2, "cutmix": 1.0, "mixup_prob": 1.0,
               "mixup_switch_prob": 0.5, "ema_decay": None},
-    "log": {"tensorboard": True, "progress": True},
+    "log": dict(LOG_DEFAULTS),
 }
+RETRAIN_CHECKS = {
+    "model": cfglib.TEXT, "arch": cfglib.TEXT, "source": cfglib.TEXT, "inherit": cfglib.BOOLEAN,
+    "model_args": cfglib.MAPPING, "img_size": cfglib.integer(1), "seed": cfglib.integer(0), **LOG_CHECKS,
+}
+RECIPE_CHECKS = {  # the train: keys the retraining adds to the loop's
+    "mixup": cfglib.number(0), "cutmix": cfglib.number(0), "mixup_prob": cfglib.number(0, 1),
+    "mixup_switch_prob": cfglib.number(0, 1), "ema_decay": cfglib.number(0, 1, True, True).or_none("no EMA"),
+}
+
+
+def check_retrain_config(cfg: dict) -> None:
+    """Every setting of a retraining, type and range, before anything is built or written (one-line UserError)."""
+    cfglib.validate(cfg, RETRAIN_CHECKS)
+    check_train(cfg["train"], RECIPE_CHECKS)
+    resolve_data_config(cfg["data"])
 
 
 class RetrainTask(Task):
@@ -87,7 +103,13 @@ def build_model(cfg: dict, num_classes: int):
     last = os.path.join(cfg["source"], "last.pt")
     if not os.path.isfile(last):
         raise DeriveError(f"--inherit: the search run {cfg['source']!r} holds no last.pt to inherit from")
-    return derived_from_supernet(checkpoint.load(last)["model"], cfg["model"], read_arch_file(cfg["arch"]), **args)
+    state = checkpoint.load(last)["model"]
+    head = state.get("head.weight")  # both families classify with a Linear named head
+    if head is not None and head.shape[0] != num_classes:
+        raise DeriveError(f"--inherit: the supernet in {cfg['source']} was trained on {head.shape[0]} classes but the "
+                          f"retraining data has {num_classes}; retrain from scratch (without --inherit) or on data "
+                          f"with the search's classes")
+    return derived_from_supernet(state, cfg["model"], read_arch_file(cfg["arch"]), **args)
 
 
 def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:
@@ -96,28 +118,25 @@ def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:
 
 
 def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
+    check_retrain_config(cfg)
+    resume_changes(find_resume(out) if os.path.isdir(out) else None, cfg, out)
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
-    make_run_dir(out, env)
-    try:
-        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
+    try:  # mistakes in the data or the model settings surface here, before anything is written
+        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
         model = build_model(cfg, data.num_classes)
     except ValueError as exc:
+        if isinstance(exc, UserError):
+            raise
         raise DeriveError(str(exc)) from None
-    train_model = data_parallel(model, env)
-    optimizer = adamw(weight_groups(model, train["lr"], train["weight_decay"]))
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
     val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
-    logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])
-    if env.is_main:
-        cfglib.save(cfg, os.path.join(out, "config.yaml"))
+    with open_run(out, env, cfg, data) as run:
+        train_model = data_parallel(model, env)
+        optimizer = adamw(weight_groups(model, train["lr"], train["weight_decay"]))
         how = "from the supernet's weights" if cfg["inherit"] else "from scratch"
-        logger.info(f"retrain {cfg['model']} {how} on {data.summary()}; writing to {out}")
-    task = RetrainTask(model, data.num_classes, train)
-    try:
-        record = fit(task, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out,
-                     last_checkpoint(out), on_epoch=on_epoch,
-                     extra={"config": copy.deepcopy(cfg), "model_name": cfg["model"]})
-    finally:
-        logger.close()
-    return record
+        run.logger.info(f"retrain {cfg['model']} {how} on {data.summary()}; writing to {out}")
+        task = RetrainTask(model, data.num_classes, train)
+        return fit(task, model, train_model, optimizer, train_loader, val_loader, train, env, run.logger, out,
+                   run.resume, on_epoch=on_epoch, extra={"config": copy.deepcopy(cfg), "model_name": cfg["model"]},
+                   stop=run.stop)

@@ -1,32 +1,66 @@
 """The run checkpoint: one dict, written atomically, read without running code.
 
-``save`` writes to a temporary file in the same folder and renames it over the target, so a run killed
-while writing leaves the previous checkpoint intact. ``load`` uses ``weights_only=True``: a checkpoint
-holds tensors, numbers, strings and containers only (the RNG states below are stored that way too).
+``save`` writes through ``nas.atomic.atomic_write``, so a run killed while writing leaves the previous file
+intact; with ``keep_previous`` the file it replaces stays beside it as ``prev.pt`` (a hard link, no copy),
+so a ``last.pt`` damaged later (a bad disk, a truncated copy) costs one epoch, not the run. ``load`` uses
+``weights_only=True``: a checkpoint holds tensors, numbers, strings and containers only (the RNG states
+below are stored that way too); a file that cannot be read is a ``CheckpointError`` naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import numpy as np
 import torch
 
+from nas.atomic import TEMP_MARK, atomic_write
+from nas.errors import UserError
 
-def save(state: dict, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+PREVIOUS = "prev.pt"
 
 
-def load(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint: file {path!r} not found")
+class CheckpointError(UserError):
+    """A checkpoint file is missing, damaged or not one of ours."""
+
+
+def save(state: dict, path: str, keep_previous: bool = False) -> None:
+    if keep_previous and os.path.isfile(path):
+        _keep_previous(path)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def _keep_previous(path: str) -> None:
+    folder = os.path.dirname(path)
+    previous, link = os.path.join(folder, PREVIOUS), os.path.join(folder, f".{PREVIOUS}{TEMP_MARK}{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:  # a filesystem without hard links: best.pt stays the fallback
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+
+
+def load(path: str, require: tuple[str, ...] = ()) -> dict:
+    """The dict stored in ``path``; ``require``: keys it must hold to be the kind of checkpoint asked for."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint: file {path!r} not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint: {path} could not be read (the file is empty)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is a user-facing problem
-        raise ValueError(f"checkpoint: {path!r} could not be read as a checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        # torch's own text suggests weights_only=False, which is wrong advice for a damaged file
+        raise CheckpointError(f"checkpoint: {path} could not be read (damaged, truncated or not a checkpoint: "
+                              f"{type(exc).__name__})") from None
+    missing = [k for k in require if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint: {path} is not a run checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def rng_state() -> dict:

@@ -4,7 +4,13 @@
 Per step: set the lr from the schedule, let the task prepare (bilevel alpha step, path sampling), forward
 under bf16 autocast on CUDA, skip the step if the loss is not finite on any rank (and stop after
 ``max_bad_steps`` in a row), backward, clip, step. Per epoch: evaluate, let the task report, log one line,
-write ``last.pt`` (and ``best.pt`` when the held-out top-1 improves) atomically.
+write ``last.pt`` (and ``best.pt`` when the val top-1 improves) atomically.
+
+The checkpoint is the commit point of an epoch: what was logged after the checkpoint a run resumes from is
+dropped first (``RunLogger.commit``), so an epoch redone after a failed checkpoint is logged once. A stop
+signal (``nas.engine.preempt``) ends the run after the current step (or evaluation batch) with a checkpoint
+of that point: the batch reached in the epoch and the epoch's running sums; a resume continues with the
+same remaining batches in the same order (``set_epoch(..., skip_batches)``) and the same RNG states.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from nas.data import set_epoch
+from nas.data.loader import skip_events
 from nas.engine import checkpoint
 from nas.engine.distributed import DistEnv, all_reduce_sum
+from nas.engine.preempt import Preempted
 from nas.engine.schedule import apply_lr
 
 TRAIN_DEFAULTS = {
@@ -69,6 +77,10 @@ class Task:
     def after_step(self) -> None:
         """Runs after each weight step."""
 
+    def step_scalars(self, epoch: int) -> dict:
+        """Extra per-step TensorBoard values (``step/...``), e.g. alpha's learning rate."""
+        return {}
+
     def eval_model(self, model):
         return model
 
@@ -104,112 +116,190 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
 
 
-def train_one_epoch(model, loader, optimizer, task: Task, cfg: dict, env: DistEnv, state: dict, epoch: int, bar):
+def _stop_asked(stop) -> float:
+    return 1.0 if stop is not None and stop.signum is not None else 0.0
+
+
+def train_one_epoch(model, loader, optimizer, task: Task, cfg: dict, env: DistEnv, state: dict, epoch: int, bar,
+                    logger, stop=None) -> dict | None:
+    """Train from batch ``state["batch"]`` to the end of the epoch; returns the epoch's train numbers, or None
+    when a stop signal reached a rank (every rank then stops after the same step, ``state`` saying where)."""
     model.train()
     steps_per_epoch = len(loader)
     total, warmup = cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    start = time.perf_counter()
+    sums = state["partial"]["sums"]  # loss * n, correct, n (of the batches before a resume too)
+    start = time.perf_counter() - state["partial"]["seconds"]
+    skipped_before = skip_events(loader)
     lr = 0.0
-    for i, (images, labels) in enumerate(loader):
+    for i, (images, labels) in enumerate(loader, start=state["batch"]):
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
         lr = apply_lr(optimizer, state["step"], total, warmup, cfg["warmup_lr"], cfg["min_lr"])
         task.before_step(state["step"], epoch)
         with autocast(cfg["amp"], env.device):
             loss, logits = task.loss(model, images, labels)
-        finite = torch.tensor([float(torch.isfinite(loss).item())])
-        if all_reduce_sum(finite).item() < env.world_size:  # every rank skips together
+        # one reduction carries both flags: every rank skips a bad step together and stops after the same step
+        flags = all_reduce_sum(torch.tensor([float(torch.isfinite(loss).item()), _stop_asked(stop)]))
+        if flags[0].item() < env.world_size:
             state["bad_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
             if state["bad_steps"] >= cfg["max_bad_steps"]:
                 raise NonFiniteLoss(f"the loss was not finite for {state['bad_steps']} steps in a row (epoch {epoch}, "
                                     f"step {state['step']}); lower train.lr or set train.clip_grad")
-            continue
-        state["bad_steps"] = 0
-        loss.backward()
-        task.before_optimizer_step(epoch)
-        if cfg["clip_grad"]:
-            task.clip_gradients(cfg["clip_grad"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        task.after_step()
-        state["step"] += 1
-        n = labels.shape[0]
-        hard = labels if labels.dim() == 1 else labels.argmax(1)
-        sums += torch.tensor([loss.item() * n, topk_correct(logits.detach(), hard, 1), n], dtype=torch.float64)
+        else:
+            state["bad_steps"] = 0
+            loss.backward()
+            task.before_optimizer_step(epoch)
+            if cfg["clip_grad"]:
+                task.clip_gradients(cfg["clip_grad"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            task.after_step()
+            state["step"] += 1
+            n = labels.shape[0]
+            hard = labels if labels.dim() == 1 else labels.argmax(1)
+            sums += torch.tensor([loss.item() * n, topk_correct(logits.detach(), hard, 1), n], dtype=torch.float64)
+            logger.step({"step/loss": loss.item(), "step/lr": lr, **task.step_scalars(epoch)}, state["step"])
+        state["batch"] = i + 1
         elapsed = time.perf_counter() - start
-        bar.update(i + 1, loss=sums[0].item() / sums[2].item(), acc=100 * sums[1].item() / sums[2].item(),
-                   img_s=round(sums[2].item() * env.world_size / max(elapsed, 1e-9)))
+        state["partial"]["seconds"] = elapsed
+        state["partial"]["skipped"] += skip_events(loader) - skipped_before
+        skipped_before = skip_events(loader)
+        n_seen = max(sums[2].item(), 1.0)
+        bar.update(i + 1, loss=sums[0].item() / n_seen, acc=100 * sums[1].item() / n_seen,
+                   img_s=sums[2].item() * env.world_size / max(elapsed, 1e-9))
+        if flags[1].item() > 0:
+            bar.close()
+            return None
     elapsed = time.perf_counter() - start
-    all_reduce_sum(sums)
+    sums = all_reduce_sum(sums.clone())
     n = max(sums[2].item(), 1.0)
     return {"lr": lr, "train_loss": sums[0].item() / n, "train_top1": 100 * sums[1].item() / n,
             "images_per_s": sums[2].item() / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val") -> dict:
-    """Loss, top-1 and top-5 (percent) over a loader; each rank holds a shard, the sums are reduced."""
+def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val", bar=None, stop=None) -> dict | None:
+    """Loss, top-1 and top-5 (percent) over a loader; each rank holds a shard, the sums are reduced.
+    Returns None when a stop signal reached a rank (all ranks stop at the same batch)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss * n, top1, top5, n
-    for images, labels in loader:
-        images, labels = images.to(env.device), labels.to(env.device)
-        with autocast(amp, env.device):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums += torch.tensor([loss.item(), topk_correct(logits, labels, 1), topk_correct(logits, labels, 5),
-                              labels.shape[0]], dtype=torch.float64)
+    for i, batch in enumerate(loader):
+        if batch is not None:  # None: every image of the batch was unreadable
+            images, labels = batch[0].to(env.device), batch[1].to(env.device)
+            with autocast(amp, env.device):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            sums += torch.tensor([loss.item(), topk_correct(logits, labels, 1), topk_correct(logits, labels, 5),
+                                  labels.shape[0]], dtype=torch.float64)
+        if bar is not None:
+            bar.update(i + 1)
+        if env.distributed or stop is not None:
+            if all_reduce_sum(torch.tensor([_stop_asked(stop)])).item() > 0:
+                if bar is not None:
+                    bar.close()
+                return None
     all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
     return {f"{prefix}_loss": sums[0].item() / n, f"{prefix}_top1": 100 * sums[1].item() / n,
             f"{prefix}_top5": 100 * sums[2].item() / n}
 
 
+def _fresh_partial() -> dict:
+    """What a checkpoint written inside an epoch keeps of it, so the epoch's record covers all of it: the
+    training sums (loss * n, correct, n), seconds and skipped images so far, and once the training part is
+    done, its numbers (a stop during the evaluation)."""
+    return {"sums": torch.zeros(3, dtype=torch.float64), "seconds": 0.0, "skipped": 0, "trained": None}
+
+
+def _gather_partial(partial: dict) -> dict:
+    """The partial epoch over all ranks (rank 0 writes it), to be split again by ``_own_partial``."""
+    out = dict(partial, sums=all_reduce_sum(partial["sums"].clone()))
+    out["skipped"] = int(all_reduce_sum(torch.tensor([partial["skipped"]])).item())
+    return out
+
+
+def _own_partial(partial: dict, env: DistEnv) -> dict:
+    """A resumed rank's share of the saved (all-rank) sums: rank 0 carries them, the others start at zero."""
+    if env.is_main:
+        return dict(partial, sums=partial["sums"].clone())
+    return dict(partial, sums=torch.zeros_like(partial["sums"]), skipped=0)
+
+
 def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg: dict, env: DistEnv, logger,
-        run_dir: str, resume: dict | None = None, extra: dict | None = None, on_epoch=None) -> dict:
+        run_dir: str, resume: dict | None = None, extra: dict | None = None, on_epoch=None, stop=None) -> dict:
     """Train for ``cfg["epochs"]`` epochs, resuming from a checkpoint dict when given.
 
     model: the bare module (its state_dict is saved); train_model: what runs the steps (DDP-wrapped or
     the same module). extra: fixed entries stored in every checkpoint (config, model name, ...).
+    stop: a ``nas.engine.preempt.StopSignals``; when it has caught a signal, the loop writes a checkpoint of
+    the current step (``state["batch"]`` says how far into the epoch) and raises ``Preempted``.
     Returns the last epoch's record.
     """
-    state = {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0}
+    state = {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0, "batch": 0, "partial": _fresh_partial()}
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         task.load_state_dict(resume["task"])
         state.update(resume["loop"])
+        state["partial"] = _own_partial(state["partial"], env)
         checkpoint.set_rng_state(resume["rng"])
-        logger.info(f"resumed from epoch {state['epoch']} (step {state['step']})")
+        where = (f"epoch {state['epoch'] + 1} at batch {state['batch']}/{len(train_loader)}" if state["batch"]
+                 else f"the end of epoch {state['epoch']}")
+        logger.info(f"resumed from {where} (step {state['step']})")
+    logger.commit(state["epoch"], state["step"])  # the checkpoint is the commit point: drop what came after it
     record: dict = resume["record"] if resume is not None else {}  # a finished run resumed: its last record
+
+    def save(name: str, loop: dict) -> str:
+        path = os.path.join(run_dir, name)
+        if env.is_main:
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
+                    "loop": loop, "rng": checkpoint.rng_state(), "record": record, **(extra or {})}
+            checkpoint.save(ckpt, path, keep_previous=name == "last.pt")
+        return path
+
+    def preempted(where: str) -> Preempted:
+        path = save("last.pt", dict(state, partial=_gather_partial(state["partial"])))
+        return Preempted(stop.signum, where, path if env.is_main else None)
+
     end = cfg["epochs"]
     if cfg["stop_after_epochs"]:
         end = min(end, state["epoch"] + cfg["stop_after_epochs"])
+    if state["epoch"] >= cfg["epochs"]:
+        logger.info(f"{run_dir}: all {cfg['epochs']} epochs are done; a larger train.epochs (--epochs) trains on")
     for epoch in range(state["epoch"], end):
-        set_epoch(train_loader, epoch)
+        set_epoch(train_loader, epoch, skip_batches=state["batch"])
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
-        start = time.perf_counter()
-        bar = logger.progress(len(train_loader), f"epoch {epoch + 1}/{cfg['epochs']}")
-        record = {"epoch": epoch + 1, **train_one_epoch(train_model, train_loader, optimizer, task, cfg, env, state,
-                                                        epoch, bar)}
-        record.update(evaluate(task.eval_model(model), val_loader, env, cfg["amp"]))
+        bar = logger.progress(len(train_loader), f"epoch {epoch + 1}/{cfg['epochs']}", start=state["batch"],
+                              epochs_after=end - epoch - 1)
+        if state["partial"]["trained"] is None:  # else it stopped during the evaluation, after the training
+            trained = train_one_epoch(train_model, train_loader, optimizer, task, cfg, env, state, epoch, bar,
+                                      logger, stop)
+            if trained is None:
+                raise preempted(f"in epoch {epoch + 1} after batch {state['batch']}/{len(train_loader)}")
+            state["partial"]["trained"] = trained
+        skipped_val = skip_events(val_loader)
+        val_start = time.perf_counter()
+        evaluated = evaluate(task.eval_model(model), val_loader, env, cfg["amp"],
+                             bar=logger.progress(len(val_loader), f"val {epoch + 1}/{cfg['epochs']}"), stop=stop)
+        if evaluated is None:
+            raise preempted(f"during the evaluation of epoch {epoch + 1}")
+        skipped = all_reduce_sum(torch.tensor([state["partial"]["skipped"] + skip_events(val_loader) - skipped_val]))
+        record = {"epoch": epoch + 1, **state["partial"]["trained"], **evaluated, "skipped_images": int(skipped.item())}
         record.update(task.on_epoch_end(epoch, record))
         record["peak_memory_mb"] = peak_memory_mb(env.device)
-        record["epoch_time_s"] = time.perf_counter() - start
-        state["epoch"] = epoch + 1
+        record["epoch_time_s"] = state["partial"]["seconds"] + time.perf_counter() - val_start
+        state.update(epoch=epoch + 1, batch=0, partial=_fresh_partial())
         improved = record["val_top1"] > state["best_top1"]
         state["best_top1"] = max(state["best_top1"], record["val_top1"])
         logger.epoch(record)
         logger.info(f"epoch {epoch + 1}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in record.items() if k in ("train_loss", "train_top1", "val_top1", "val_top5",
-                                                                "images_per_s")))
-        if env.is_main:
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-                    "loop": dict(state), "rng": checkpoint.rng_state(), "record": record, **(extra or {})}
-            checkpoint.save(ckpt, os.path.join(run_dir, "last.pt"))
-            if improved:
-                checkpoint.save(ckpt, os.path.join(run_dir, "best.pt"))
+                                                                "images_per_s"))
+            + (f", skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
+        save("last.pt", state)
+        if improved:
+            save("best.pt", state)
         if on_epoch is not None:
             on_epoch(record)
     return record

@@ -15,19 +15,23 @@ import os
 import sys
 
 import torch
+import yaml
 
 from nas import config as cfglib
-from nas.data import DATA_DEFAULTS, DataError, build_datasets, build_loader
-from nas.engine.session import data_parallel, last_checkpoint, make_run_dir, run_in_process_group
+from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_config
 from nas.engine.loop import TRAIN_DEFAULTS, NonFiniteLoss, fit
-from nas.engine.run_log import RunLogger
+from nas.engine.preempt import Preempted
+from nas.engine.session import (check_out_folder, data_parallel, find_resume, open_run, resume_changes,
+                                run_in_process_group, saved_config)
+from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
 from nas.models import arch_parameters, create_model, derive_directions, is_search_model
 from nas.viz import stage_ends
 from nas.errors import UserError
 from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(ROOT, "search_spaces", "demo.yaml")
+SPACES = os.path.join(ROOT, "search_spaces")
+DEFAULT_CONFIG = os.path.join(SPACES, "demo.yaml")
 
 SEARCH_DEFAULTS = {
     "name": "search",
@@ -38,17 +42,52 @@ SEARCH_DEFAULTS = {
     "data": dict(DATA_DEFAULTS),
     "strategy": dict(STRATEGY_DEFAULTS),
     "train": dict(TRAIN_DEFAULTS),
-    "log": {"tensorboard": True, "progress": True},
+    "log": dict(LOG_DEFAULTS),
     "retrain": {},               # overrides of derive.py's retraining config (nas.derive.retrain), e.g. train.epochs
     "tune": {},                  # the Optuna search space of `search.py --tune` (nas.tune)
 }
+SEARCH_CHECKS = {
+    "name": cfglib.TEXT, "model": cfglib.TEXT, "model_args": cfglib.MAPPING, "img_size": cfglib.integer(1),
+    "seed": cfglib.integer(0), "retrain": cfglib.MAPPING, "tune": cfglib.MAPPING, **LOG_CHECKS,
+}
+RESUME_SAFE = ("name", "retrain", "tune")  # besides nas.engine.session.SAFE_ON_RESUME: read by later commands
+
+
+def check_config(cfg: dict) -> None:
+    """Every setting of a search, type and range, before anything is built or written (one-line UserError)."""
+    cfglib.validate(cfg, SEARCH_CHECKS)
+    check_train(cfg["train"])
+    check_strategy(cfg["strategy"])
+    if cfg["data"]["path"] is None:
+        raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
+    resolve_data_config(cfg["data"])
+    try:
+        search = is_search_model(cfg["model"])
+    except ValueError as exc:  # an unknown model name
+        raise UserError(str(exc)) from None
+    if not search:
+        raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
+                        f"(a name ending in _search)")
+
+
+def settle(cfg: dict) -> dict:
+    """The config with the defaults that depend on other keys filled in (as the run records it)."""
+    if strategy_class(cfg["strategy"]["name"]).needs_heldout and not cfg["data"]["heldout_fraction"] \
+            and not cfg["data"]["heldout_path"]:
+        cfg = copy.deepcopy(cfg)
+        cfg["data"]["heldout_fraction"] = 0.5  # DARTS: half of the training images train alpha
+    return cfg
 
 
 def parse_args(argv):
+    spaces = ", ".join(cfglib.list_spaces(SPACES))
     p = argparse.ArgumentParser(prog="search.py", description="Search the scan directions of a vision Mamba supernet.",
-                                epilog="Any config key can be overridden: --train.lr 3e-4, --strategy.name bilevel, "
-                                       "data.num_classes=100.")
-    p.add_argument("-c", "--config", default=None, help=f"search space YAML (default: {os.path.relpath(DEFAULT_CONFIG)})")
+                                epilog=f"Search spaces (-c NAME): {spaces}. Any config key can be overridden: "
+                                       "--train.lr 3e-4, --strategy.name bilevel, data.num_classes=100; "
+                                       "--show-config prints every key with its value.")
+    p.add_argument("-c", "--config", default=None,
+                   help=f"a search space name or YAML file (default: {os.path.relpath(DEFAULT_CONFIG)})")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config (every key) and exit")
     p.add_argument("--data", default=None, help="'demo', an ImageFolder root or a file list (overrides data.path)")
     p.add_argument("--epochs", type=int, default=None, help="overrides train.epochs")
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
@@ -73,33 +112,28 @@ def parse_args(argv):
 
 
 def resolve_config(args, rest) -> tuple[dict, str]:
+    """The config this command asks for, checked; for a run folder holding a checkpoint, the checkpoint's
+    config with this command's changes, refused if they are not safe for a resume. Writes nothing."""
     overrides = cfglib.parse_overrides(rest)
     if args.data is not None:
         overrides.setdefault("data", {})["path"] = args.data
     if args.epochs is not None:
         overrides.setdefault("train", {})["epochs"] = args.epochs
-    path = args.config or DEFAULT_CONFIG
+    path = cfglib.find_config(args.config, SPACES) if args.config else DEFAULT_CONFIG
     cfg = cfglib.resolve(SEARCH_DEFAULTS, path, overrides)
     out = args.out or os.path.join("runs", cfg["name"])
-    saved = os.path.join(out, "config.yaml")
-    if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
+    if args.show_config:
+        return cfg, out
+    check_out_folder(out)
+    point = find_resume(out) if os.path.isdir(out) else None
+    if point is not None and not args.config:
         # a resumed run keeps its own config; only what this command line says changes it
-        cfg = cfglib.resolve(SEARCH_DEFAULTS, saved, overrides)
-    elif args.resume:
+        cfg = cfglib.merge(cfglib.merge(SEARCH_DEFAULTS, saved_config(point, out), "the run's config"), overrides,
+                           "command line", schema=SEARCH_DEFAULTS)
+    elif point is None and args.resume:
         raise UserError(f"--resume: {out!r} holds no last.pt to resume from")
-    epochs = cfg["train"]["epochs"]
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise UserError(f"train.epochs: expected an int >= 1, got {epochs!r}")
-    if cfg["data"]["path"] is None:
-        raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
-    try:
-        check_strategy(cfg["strategy"])
-        search = is_search_model(cfg["model"])
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if not search:
-        raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
-                        f"(a name ending in _search)")
+    check_config(cfg)
+    resume_changes(point, settle(cfg), out, also_safe=RESUME_SAFE)
     return cfg, out
 
 
@@ -110,17 +144,18 @@ def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
 
 
 def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
+    check_config(cfg)
+    cfg = settle(cfg)
+    resume_changes(find_resume(out) if os.path.isdir(out) else None, cfg, out, also_safe=RESUME_SAFE)
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
     needs_heldout = strategy_class(cfg["strategy"]["name"]).needs_heldout
-    if needs_heldout and not cfg["data"]["heldout_fraction"] and not cfg["data"]["heldout_path"]:
-        cfg = copy.deepcopy(cfg)
-        cfg["data"]["heldout_fraction"] = 0.5  # DARTS: half of the training images train alpha
-    make_run_dir(out, env)
-    try:  # mistakes in the data or the model settings surface here, before any training
-        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"], out if env.is_main else None)
+    try:  # mistakes in the data or the model settings surface here, before anything is written
+        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
         model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
     except ValueError as exc:
+        if isinstance(exc, UserError):
+            raise
         raise UserError(str(exc)) from None
     if needs_heldout and data.heldout is None:
         raise UserError(f"strategy.name: {cfg['strategy']['name']} needs a held-out split; set data.heldout_fraction")
@@ -129,39 +164,44 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     heldout_loader = None  # alpha's data (bilevel); val stays val, for the report and the choice of best.pt
     if needs_heldout:
         heldout_loader = build_loader(data.heldout, train["batch_size"], True, train["workers"], cfg["seed"] + 1)
-    logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"])
-    strategy = create_strategy(cfg["strategy"], model, train, cfg["seed"], logger, out,
-                               stage_ends(model.config.get("depths")))
-    if heldout_loader is not None:
-        strategy.set_heldout(heldout_loader)
-    train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)
-    optimizer = strategy.build_optimizer()
-    if env.is_main:
-        cfglib.save(cfg, os.path.join(out, "config.yaml"))
-        logger.info(f"search {cfg['model']} ({strategy.name}) on {data.summary()}; writing to {out}")
-    try:
-        record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, logger, out,
-                     last_checkpoint(out), on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]})
-    finally:
-        logger.close()
-    directions = derive_directions(model, cfg["strategy"]["k"])
-    logger.info(f"kept directions per layer (top-{cfg['strategy']['k']}):")
-    for i, names in enumerate(directions):
-        logger.info(f"  layer {i:2d}: {', '.join(names)}")
+    with open_run(out, env, cfg, data, also_safe=RESUME_SAFE) as run:
+        strategy = create_strategy(cfg["strategy"], model, train, cfg["seed"], run.logger, out,
+                                   stage_ends(model.config.get("depths")))
+        if heldout_loader is not None:
+            strategy.set_heldout(heldout_loader)
+        train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)
+        optimizer = strategy.build_optimizer()
+        run.logger.info(f"search {cfg['model']} ({strategy.name}) on {data.summary()}; writing to {out}")
+        record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, run.logger, out,
+                     run.resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]}, stop=run.stop)
+        directions = derive_directions(model, cfg["strategy"]["k"])
+        run.logger.info(f"kept directions per layer (top-{cfg['strategy']['k']}):")
+        for i, names in enumerate(directions):
+            run.logger.info(f"  layer {i:2d}: {', '.join(names)}")
     return {"record": record, "directions": directions,
             "alphas": torch.stack([a.detach().cpu() for a in arch_parameters(model)])}
 
 
 def main(argv=None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    out = None
     try:
         cfg, out = resolve_config(args, rest)
-        if args.tune is not None or args.baseline or args.compare:
+        if args.show_config:
+            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        elif args.tune is not None or args.baseline or args.compare:
             from nas.tune.cli import dispatch  # optuna is imported only when asked for
             dispatch(args, cfg, out)
         else:
             run_search(cfg, out)
-    except (UserError, cfglib.ConfigError, DataError, NonFiniteLoss) as exc:
+    except Preempted as exc:  # before UserError, which it is
+        print(f"search.py: {exc} (python search.py --out {out} --resume)", file=sys.stderr)
+        return exc.exit_code
+    except (UserError, NonFiniteLoss) as exc:
         print(f"search.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
+        kept = f"; {out} keeps its last checkpoint" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
+        print(f"search.py: interrupted{kept}", file=sys.stderr)
+        return 130
     return 0

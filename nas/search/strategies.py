@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from nas import config as cfglib
 from nas.data import set_epoch
 from nas.engine.distributed import all_reduce_sum
 from nas.engine.loop import Task, autocast, topk_correct
@@ -51,17 +52,21 @@ def list_strategies() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+STRATEGY_CHECKS = {
+    "k": cfglib.integer(1, len(DIRECTIONS)),
+    "alpha_lr": cfglib.number(0, low_open=True).or_none("the strategy's default"),
+    "alpha_weight_decay": cfglib.number(0).or_none("the strategy's default"),
+    "alpha_betas": cfglib.number_pair(0, 1, high_open=True),
+    "alpha_warmup_epochs": cfglib.integer(0),
+}
+
+
 def check_strategy(cfg: dict) -> None:
     """One-line UserError for a bad ``strategy:`` section."""
     if cfg["name"] not in _REGISTRY:
         raise UserError(f"strategy.name: unknown strategy {cfg['name']!r}; expected one of "
                         f"{', '.join(list_strategies())}")
-    k = cfg["k"]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
-        raise UserError(f"strategy.k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
-    warm = cfg["alpha_warmup_epochs"]
-    if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
-        raise UserError(f"strategy.alpha_warmup_epochs: expected an int >= 0, got {warm!r}")
+    cfglib.validate(cfg, STRATEGY_CHECKS, "strategy.")
 
 
 def strategy_class(name: str) -> type["Strategy"]:
@@ -105,7 +110,12 @@ class Strategy(Task):
         groups = weight_groups(self.model, self.train["lr"], self.train["weight_decay"], exclude=self.alphas)
         groups.append({"params": self.alphas, "weight_decay": self.alpha_weight_decay(), "base_lr": self.alpha_lr(),
                        "name": "alpha"})
-        return adamw(groups)
+        self.optimizer = adamw(groups)
+        return self.optimizer
+
+    def alpha_step_lr(self) -> float:
+        """The lr alpha's optimizer uses now (the "alpha" group follows the weights' schedule)."""
+        return next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "alpha")
 
     # -- per-step hooks ---------------------------------------------------------------------------
     def alpha_frozen(self, epoch: int) -> bool:
@@ -118,6 +128,9 @@ class Strategy(Task):
     def before_optimizer_step(self, epoch: int) -> None:
         if self.alpha_frozen(epoch):
             self.drop_alpha_grads()
+
+    def step_scalars(self, epoch: int) -> dict:
+        return {"step/alpha_lr": 0.0 if self.alpha_frozen(epoch) else self.alpha_step_lr()}
 
     def clip_gradients(self, max_norm: float) -> None:
         ids = {id(a) for a in self.alphas}
@@ -180,6 +193,9 @@ class Bilevel(Strategy):
     def build_optimizer(self) -> torch.optim.Optimizer:
         return adamw(weight_groups(self.model, self.train["lr"], self.train["weight_decay"], exclude=self.alphas))
 
+    def alpha_step_lr(self) -> float:
+        return self.alpha_opt.param_groups[0]["lr"]
+
     def set_heldout(self, loader) -> None:
         self.heldout_loader = loader
 
@@ -187,11 +203,9 @@ class Bilevel(Strategy):
         # Each training epoch starts a fresh pass over the held-out set, seeded by (epoch, pass), so a
         # resumed run draws the same held-out batches as an uninterrupted one.
         while True:
-            if self._heldout_iter is None:
-                set_epoch(self.heldout_loader, heldout_pass_seed(epoch, self._pass))
+            if self._heldout_iter is None:  # resuming inside a pass starts after the batches drawn before
+                set_epoch(self.heldout_loader, heldout_pass_seed(epoch, self._pass), skip_batches=self._taken)
                 self._heldout_iter = iter(self.heldout_loader)
-                for _ in range(self._taken):  # resuming inside a pass: skip what was drawn before
-                    next(self._heldout_iter)
             try:
                 batch = next(self._heldout_iter)
                 self._taken += 1

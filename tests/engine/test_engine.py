@@ -1,4 +1,4 @@
-"""Config resolution, the lr schedule, atomic checkpoints and RNG state round trips."""
+"""Config resolution and checks, the lr schedule, atomic checkpoints and RNG state round trips."""
 import os
 import random
 
@@ -8,7 +8,9 @@ import torch
 
 from nas import config as cfglib
 from nas.engine import checkpoint
+from nas.engine.loop import TRAIN_DEFAULTS
 from nas.engine.schedule import lr_at
+from nas.engine.settings import TRAIN_CHECKS, check_train
 
 DEFAULTS = {"name": "x", "model_args": {}, "train": {"lr": 1e-3, "epochs": 10, "clip_grad": 5.0},
             "data": {"path": "demo", "classes": None}}
@@ -24,13 +26,51 @@ def test_overrides_parse_yaml_values_and_both_spellings():
     assert DEFAULTS["train"]["lr"] == 1e-3  # defaults untouched
 
 
-def test_unknown_key_names_the_key_and_lists_valid_ones(tmp_path):
-    with pytest.raises(cfglib.ConfigError, match=r"command line: unknown key 'train\.lrr'; valid keys: .*train\.lr"):
-        cfglib.merge(DEFAULTS, cfglib.parse_overrides(["--train.lrr", "1"]), "command line")
+def test_unknown_key_suggests_the_closest_valid_keys(tmp_path):
+    def message(*tokens):
+        with pytest.raises(cfglib.ConfigError) as info:
+            cfglib.merge(DEFAULTS, cfglib.parse_overrides(list(tokens)), "command line")
+        return str(info.value)
+    assert message("--train.lrr", "1") == "command line: unknown key 'train.lrr'; did you mean 'train.lr'?"
+    assert message("--lr", "1") == "command line: unknown key 'lr'; did you mean 'train.lr'?"
+    assert message("--train.epoch", "3") == "command line: unknown key 'train.epoch'; did you mean 'train.epochs'?"
+    assert message("--nothing.like.it", "1") == ("command line: unknown key 'nothing.like.it'; the top-level keys "
+                                                 "are data, model_args, name, train")
+    assert "train is a section, not a value (got 5); set its keys, e.g. train.lr" in message("--train", "5")
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  warmup: 3\n")
     with pytest.raises(cfglib.ConfigError, match=f"{path}: unknown key 'train.warmup'"):
         cfglib.resolve(DEFAULTS, str(path), {})
+
+
+def test_yaml_errors_give_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain:\n  lr: 1\n    epochs: 3\n")
+    with pytest.raises(cfglib.ConfigError) as info:
+        cfglib.load_yaml(str(path))
+    assert str(info.value).startswith(f"config: {path} line 4, column 11: not valid YAML (mapping values are not "
+                                      f"allowed here")
+    path.write_text("[1, 2\n")
+    with pytest.raises(cfglib.ConfigError, match=r"line 2, column 1: not valid YAML"):
+        cfglib.load_yaml(str(path))
+    path.write_text("- a\n- b\n")
+    with pytest.raises(cfglib.ConfigError, match="must hold a mapping of keys, got list"):
+        cfglib.load_yaml(str(path))
+
+
+def test_config_found_by_search_space_name(tmp_path):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "tiny.yaml").write_text("name: tiny\n")
+    (spaces / "big.yaml").write_text("name: big\n")
+    assert cfglib.find_config("tiny", str(spaces)) == str(spaces / "tiny.yaml")
+    assert cfglib.find_config("tiny.yaml", str(spaces)) == str(spaces / "tiny.yaml")
+    own = tmp_path / "own.yaml"
+    own.write_text("name: own\n")
+    assert cfglib.find_config(str(own), str(spaces)) == str(own)
+    with pytest.raises(cfglib.ConfigError, match=r"-c: 'huge' is neither a config file nor a search space "
+                                                 r"\(search spaces: big, tiny\)"):
+        cfglib.find_config("huge", str(spaces))
 
 
 def test_bad_config_files():
@@ -55,15 +95,44 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_checkpoint_atomic_and_weights_only(tmp_path):
+def test_checkpoint_atomic_keeps_the_previous_one_and_reads_only_weights(tmp_path):
     path = str(tmp_path / "last.pt")
-    checkpoint.save({"w": torch.randn(3), "epoch": 2}, path)
-    assert checkpoint.load(path)["epoch"] == 2
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not be read as a checkpoint"):
-        checkpoint.load(str(tmp_path / "bad.pt"))
-    with pytest.raises(ValueError, match="not found"):
+    checkpoint.save({"w": torch.randn(3), "epoch": 1}, path, keep_previous=True)
+    assert not os.path.exists(tmp_path / "prev.pt")  # nothing to keep yet
+    checkpoint.save({"w": torch.randn(3), "epoch": 2}, path, keep_previous=True)
+    assert checkpoint.load(path)["epoch"] == 2 and checkpoint.load(str(tmp_path / "prev.pt"))["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]  # no temporary file left
+    assert os.stat(path).st_mode & 0o777 == 0o644 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "the file is empty"),
+    (b"not a checkpoint", "damaged, truncated or not a checkpoint: UnpicklingError"),
+    (None, "damaged, truncated or not a checkpoint"),  # a real checkpoint cut in half
+])
+def test_unreadable_checkpoints_are_one_line_errors(tmp_path, content, reason):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        checkpoint.save({"w": torch.randn(1000)}, str(path))
+        content = path.read_bytes()[:2000]
+    path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(str(path))
+    assert str(info.value).startswith(f"checkpoint: {path} could not be read ({reason}")
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_checkpoint_must_hold_the_keys_asked_for(tmp_path):
+    checkpoint.save({"model": {}}, str(tmp_path / "c.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="is not a run checkpoint \\(no loop, rng\\)"):
+        checkpoint.load(str(tmp_path / "c.pt"), ("model", "loop", "rng"))
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
         checkpoint.load(str(tmp_path / "none.pt"))
 
 
@@ -81,3 +150,29 @@ def test_free_form_section_filled_by_a_file_still_takes_new_keys(tmp_path):
     path.write_text("model_args:\n  drop_path_rate: 0.1\n")
     cfg = cfglib.resolve(DEFAULTS, str(path), cfglib.parse_overrides(["--model_args.depth", "2"]))
     assert cfg["model_args"] == {"drop_path_rate": 0.1, "depth": 2}
+
+
+def test_every_train_key_has_a_check_and_the_defaults_pass():
+    assert set(TRAIN_CHECKS) == set(TRAIN_DEFAULTS)
+    check_train(dict(TRAIN_DEFAULTS))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("epochs", "abc", "an int >= 1"), ("epochs", 2.5, "an int >= 1"), ("epochs", 0, "an int >= 1"),
+    ("epochs", True, "an int >= 1"), ("lr", -1, "a number > 0"), ("lr", "abc", "a number > 0"),
+    ("lr", float("nan"), "a number > 0"), ("workers", -1, "an int >= 0"),
+    ("label_smoothing", "abc", "a number >= 0 and < 1"), ("label_smoothing", 1.0, "a number >= 0 and < 1"),
+    ("amp", "fp16", "one of auto, bf16, none"), ("device", "gpu", "auto, cpu, cuda or cuda:N"),
+    ("clip_grad", -1, "a number >= 0 or null (no clipping)"), ("batch_size", 0, "an int >= 1"),
+    ("stop_after_epochs", 0, "an int >= 1 or null (run to train.epochs)"),
+])
+def test_bad_train_values_name_the_key_what_was_expected_and_what_came(key, value, expected):
+    with pytest.raises(cfglib.ConfigError) as info:
+        check_train({**TRAIN_DEFAULTS, key: value})
+    assert str(info.value) == f"train.{key}: expected {expected}, got {value!r}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_up_front():
+    with pytest.raises(cfglib.ConfigError, match="train.device: 'cuda' was asked for but this machine has no CUDA"):
+        check_train({**TRAIN_DEFAULTS, "device": "cuda"})
