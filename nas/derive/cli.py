@@ -16,9 +16,9 @@ import torch
 
 from nas import config as cfglib
 from nas.data import DataError
-from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, load_yaml_file, make_arch,
-                               python_literal, read_run, write_arch)
-from nas.derive.retrain import RETRAIN_DEFAULTS, retrain_config, run_retrain
+from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
+                               write_arch)
+from nas.derive.retrain import RETRAIN_DEFAULTS, check_retrain_config, retrain_config, run_retrain
 from nas.engine.loop import NonFiniteLoss
 from nas.errors import UserError
 from nas.models import check_directions, create_model
@@ -78,8 +78,8 @@ def check_arch(arch: dict, directions, arch_path: str) -> None:
 
 def load_arch(arch_path: str) -> dict:
     """An arch file as the retraining reads it, checked against its model before any training."""
-    arch = load_yaml_file(arch_path, "arch")
-    if not isinstance(arch, dict) or "model" not in arch:
+    arch = cfglib.load_yaml(arch_path, "arch")
+    if "model" not in arch:
         raise DeriveError(f"arch: {arch_path!r} is not an arch file (expected keys model, directions, ...)")
     arch.setdefault("model_args", {})
     arch.setdefault("source", os.path.dirname(os.path.abspath(arch_path)))
@@ -122,10 +122,7 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
     saved = os.path.join(out, "config.yaml")
     if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
         # a resumed retraining keeps its config and the architecture it started with
-        cfg = load_yaml_file(saved, "--out")
-        if not isinstance(cfg, dict):
-            raise DeriveError(f"--out: {saved} is not a retraining config (expected a mapping of keys)")
-        return cfglib.merge(cfg, overrides, "command line", RETRAIN_DEFAULTS), out
+        return cfglib.merge(cfglib.load_yaml(saved, "--out"), overrides, "command line", RETRAIN_DEFAULTS), out
     if args.resume:
         raise DeriveError(f"--resume: {out!r} holds no last.pt to resume from")
     run = read_run(args.run)
@@ -143,6 +140,7 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
             raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then retrain")
     cfg = retrain_config(arch, arch_path, run["config"], overrides, args.inherit)
     if fresh:
+        check_retrain_config(cfg)  # bad retraining settings fail before arch.yaml and the figures are written
         publish(arch, run, args.run)
     return cfg, out
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from nas import config as cfglib
 from nas.atomic import atomic_write
 from nas.engine import checkpoint
 from nas.errors import UserError
@@ -48,22 +49,6 @@ def derived_model_name(search_name: str) -> str:
     if spec.search:
         raise DeriveError(f"model: {name!r} is a search model, not a derived one")
     return spec.name
-
-
-def load_yaml_file(path: str, what: str):
-    """A run's YAML file, parsed; a damaged one is a DeriveError naming the file and the line and column."""
-    try:
-        with open(path, "rb") as f:
-            return yaml.safe_load(f)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise DeriveError(f"{what}: {path} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: "
-                          f"{exc.problem or exc.context})") from None
-    except yaml.reader.ReaderError as exc:  # bytes that are no text carry a position, not a line
-        raise DeriveError(f"{what}: {path} is not valid YAML (character {exc.position + 1} is not "
-                          f"{exc.encoding} text)") from None
-    except OSError as exc:
-        raise DeriveError(f"{what}: {path} cannot be read ({exc.strerror})") from None
 
 
 def _read_history(path: str) -> dict | None:
@@ -104,8 +89,8 @@ def read_run(run_dir: str) -> dict:
         what = "holds no config.yaml, last.pt or alphas.json" if not os.path.exists(last) and not \
             os.path.exists(history_path) else "has no config.yaml (without it the model and data are unknown)"
         raise DeriveError(f"run: {run_dir!r} {what}; is it a search run folder?")
-    cfg = load_yaml_file(cfg_path, "run")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
+    cfg = cfglib.load_yaml(cfg_path, "run")
+    if not isinstance(cfg.get("model"), str):
         raise DeriveError(f"run: {cfg_path} is not a search config (expected a mapping with a 'model' name)")
     history = _read_history(history_path) if os.path.isfile(history_path) else None
     model_name, epoch, scores = cfg["model"], None, None
