@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from nas import config as cfglib  # noqa: E402
 from nas.data import build_datasets, build_loader  # noqa: E402
 from nas.engine.distributed import DistEnv  # noqa: E402
-from nas.engine.loop import train_one_epoch  # noqa: E402
-from nas.engine.run_log import ProgressBar  # noqa: E402
+from nas.engine.loop import new_loop_state, train_one_epoch  # noqa: E402
+from nas.engine.run_log import ProgressBar, RunLogger  # noqa: E402
 from nas.models import create_model  # noqa: E402
 from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
 from nas.search.strategies import create_strategy  # noqa: E402
@@ -69,7 +69,7 @@ def measure(space: str, strategy: str, k: int, device: str, batch: int | None, s
     model.to(env.device)
     task = create_strategy(strategy_cfg, model, train, 0, None, "")  # the per-epoch report is not run here
     optimizer = task.build_optimizer()
-    state = {"step": 0, "bad_steps": 0}
+    state = new_loop_state()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -77,7 +77,8 @@ def measure(space: str, strategy: str, k: int, device: str, batch: int | None, s
     else:
         base = current_rss_kb() * 1024
     start = time.perf_counter()
-    metrics = train_one_epoch(model, loader, optimizer, task, train, env, state, 0, ProgressBar(len(loader), "", False))
+    metrics = train_one_epoch(model, loader, optimizer, task, train, env, state, 0, ProgressBar(len(loader), "", False),
+                              RunLogger("", enabled=False, tensorboard=False, progress=False))
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base

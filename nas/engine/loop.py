@@ -225,6 +225,12 @@ def _own_partial(partial: dict, env: DistEnv) -> dict:
     return dict(partial, sums=torch.zeros_like(partial["sums"]), skipped=0)
 
 
+def new_loop_state() -> dict:
+    """Where a run stands (saved as the checkpoint's ``loop``): epochs done, optimizer steps, bad steps in a
+    row, the best val top-1, and the batch reached inside the current epoch with its partial numbers."""
+    return {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0, "batch": 0, "partial": _fresh_partial()}
+
+
 def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg: dict, env: DistEnv, logger,
         run_dir: str, resume: dict | None = None, extra: dict | None = None, on_epoch=None, stop=None) -> dict:
     """Train for ``cfg["epochs"]`` epochs, resuming from a checkpoint dict when given.
@@ -235,7 +241,7 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
     the current step (``state["batch"]`` says how far into the epoch) and raises ``Preempted``.
     Returns the last epoch's record.
     """
-    state = {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0, "batch": 0, "partial": _fresh_partial()}
+    state = new_loop_state()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

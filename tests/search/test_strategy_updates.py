@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from nas.data import build_loader, set_epoch
 from nas.engine.distributed import DistEnv
-from nas.engine.loop import train_one_epoch
+from nas.engine.loop import new_loop_state, train_one_epoch
+from nas.engine.run_log import RunLogger
 from nas.models import arch_parameters, create_model, set_active_paths
 from nas.search.strategies import create_strategy, heldout_pass_seed, list_strategies, step_seed
 
@@ -72,10 +73,11 @@ def run_tool(name, epochs=(0,), warmup=0):
     loader = build_loader(Tensors(BATCH * STEPS, 1), BATCH, True, 0, 11)
     if strategy.needs_heldout:
         strategy.set_heldout(build_loader(Tensors(BATCH * STEPS, 2), BATCH, True, 0, 12))
-    state = {"step": 0, "bad_steps": 0}
+    state, logger = new_loop_state(), RunLogger("", enabled=False, tensorboard=False, progress=False)
     for epoch in epochs:
         set_epoch(loader, epoch)
-        train_one_epoch(model, loader, optimizer, strategy, train, DistEnv(), state, epoch, NoBar())
+        state["batch"] = 0
+        train_one_epoch(model, loader, optimizer, strategy, train, DistEnv(), state, epoch, NoBar(), logger)
         strategy.on_epoch_end = lambda *a: {}  # the per-epoch report writes figures; not under test here
     return model, strategy, seen
 
