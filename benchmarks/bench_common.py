@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -32,3 +33,76 @@ def environment(device: str) -> dict:
     else:
         env["device_name"] = platform.processor() or platform.machine()
     return env
+
+
+def best_rate(fn, n: int, reps: int = 10) -> float:
+    """Values per second of fn() over n values: the best of 3 runs of `reps` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+    return n * reps / best
+
+
+def cpu_throughput() -> dict:
+    """This machine's throughput, in PyTorch at the current thread count, of exp2 and of a fused
+    multiply-add (in-place addcmul_): the best over sizes from 64 K to 4 M values (small sizes pay the
+    per-op overhead, large ones the memory bandwidth; the best is what the arithmetic itself allows)."""
+    exp2 = fma = 0.0
+    for n in (1 << 16, 1 << 18, 1 << 20, 1 << 22):
+        a, b, c = (torch.rand(n) for _ in range(3))
+        out = torch.empty(n)
+        reps = max(2, (1 << 22) // n)
+        exp2 = max(exp2, best_rate(lambda: torch.exp2(a, out=out), n, reps))
+        fma = max(fma, best_rate(lambda: c.addcmul_(a, b), n, reps))
+    return {"exp2_per_s": exp2, "fma_per_s": fma}
+
+
+# Per state value (batch x channel x N) and time step, a selective scan's forward computes one decay
+# exp(delta * A), the input term delta * u * B (1 multiply), the update h = a * h + b (1 FMA) and the
+# output <C, h> (1 FMA). A backward that keeps memory at O(state x L / chunk) recomputes the decays and
+# the states (1 exp, 2), runs the adjoint g = a * g + C * dy (2), reduces dC, dB and d(delta u) (3),
+# forms a * g * h_prev (2) and reduces it into dA and d delta (2).
+SCAN_EXPS = {"fwd": 1, "fwdbwd": 2}
+SCAN_FMAS = {"fwd": 3, "fwdbwd": 3 + 11}
+
+
+def scan_floor_ms(state_steps: int, mode: str, rates: dict) -> dict:
+    """The arithmetic floor of a scan over `state_steps` (state values x time steps): its exponentials
+    at the measured exp2 rate plus its multiply-adds at the measured FMA rate."""
+    exps, fmas = SCAN_EXPS[mode] * state_steps, SCAN_FMAS[mode] * state_steps
+    exp_ms, fma_ms = 1e3 * exps / rates["exp2_per_s"], 1e3 * fmas / rates["fma_per_s"]
+    return {"exps": exps, "fmas": fmas, "exp_ms": exp_ms, "fma_ms": fma_ms, "floor_ms": exp_ms + fma_ms}
+
+
+def mambapy_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False):
+    """Our selective_scan contract computed the way mambapy's Mamba does (mambapy.mamba.MambaBlock.
+    selective_scan): exp(delta * A) and delta * B * u for every step materialized as (batch, L, D, N),
+    mambapy's parallel scan (pscan, with its own backward) over time, then <C, h>. Grouped B and C are
+    broadcast over their groups' channels."""
+    from mambapy.pscan import pscan
+
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    x, dt = u.float().transpose(1, 2), delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    dt = dt.transpose(1, 2)  # (batch, L, D)
+    G = 1 if B.dim() == 3 else B.shape[1]
+    Bt, Ct = (X.float().reshape(batch, G, N, L).permute(0, 3, 1, 2).unsqueeze(3) for X in (B, C))  # (b, L, G, 1, N)
+    decay = torch.exp(dt.unsqueeze(-1) * A.float())  # (batch, L, D, N)
+    inputs = ((dt * x).view(batch, L, G, dim // G, 1) * Bt).view(batch, L, dim, N)
+    hs = pscan(decay, inputs)
+    y = (hs.view(batch, L, G, dim // G, N) * Ct).sum(-1).view(batch, L, dim)
+    if D is not None:
+        y = y + D.float() * x
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float().transpose(1, 2))
+    y = y.transpose(1, 2).to(u.dtype)
+    return (y, hs[:, -1]) if return_last_state else y
