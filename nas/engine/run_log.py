@@ -1,8 +1,8 @@
 """What a run reports: ``log.jsonl``, TensorBoard events under ``tb/``, progress lines on stderr.
 
 ``log.jsonl`` holds one line per finished epoch (its record, with an ``epoch`` key) and one line per event
-(``{"event": "resumed", ...}``, ``{"event": "checkpoint_fallback", ...}``, no ``epoch`` key); read it with
-``epoch_records``. The checkpoint is the commit point of an epoch: a run that resumes from epoch E first drops
+(``{"event": "resumed", ...}``, ``{"event": "checkpoint_fallback", ...}``, with ``epochs_done``, never an
+``epoch`` key); read the epochs with ``epoch_records``. The checkpoint is the commit point of an epoch: a run that resumes from epoch E first drops
 the epoch lines after E (``commit``), so an epoch redone after a failed checkpoint is logged once.
 
 The TensorBoard writer is opened at the first value written, so a command that fails before leaves no event
@@ -209,7 +209,8 @@ class RunLogger:
         if self.enabled:
             self._append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
 
-    def _write_tb(self, call) -> None:
+    def write_tensorboard(self, call) -> None:
+        """call(SummaryWriter): a write whose failure (a full disk) becomes the one-line WriteError."""
         try:
             call(self.writer)
         except OSError as exc:  # the writer's thread reports a full disk on the next call
@@ -221,7 +222,7 @@ class RunLogger:
         finite = {t: v for t, v in values.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if finite:
-            self._write_tb(lambda w: [w.add_scalar(tag, value, step) for tag, value in finite.items()])
+            self.write_tensorboard(lambda w: [w.add_scalar(tag, value, step) for tag, value in finite.items()])
 
     def step(self, values: dict, step: int) -> None:
         """Per-step values (``step/loss``, ``step/lr``, ...), every ``interval`` steps."""
@@ -230,11 +231,11 @@ class RunLogger:
 
     def figure(self, tag: str, fig, step: int) -> None:
         if self.tensorboard:
-            self._write_tb(lambda w: w.add_figure(tag, fig, step, close=False))
+            self.write_tensorboard(lambda w: w.add_figure(tag, fig, step, close=False))
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._write_tb(lambda w: w.flush())
+            self.write_tensorboard(lambda w: w.flush())
 
     def info(self, message: str) -> None:
         if self.enabled:

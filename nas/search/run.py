@@ -27,6 +27,7 @@ from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
 from nas.models import arch_parameters, create_model, derive_directions, is_search_model
 from nas.viz import stage_ends
 from nas.errors import UserError
+from nas.search.alphas import coincidence_note, write_tensorboard_layout
 from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -172,6 +173,11 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
         train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)
         optimizer = strategy.build_optimizer()
         run.logger.info(f"search {cfg['model']} ({strategy.name}) on {data.summary()}; writing to {out}")
+        note = coincidence_note(model)
+        if note:
+            run.logger.info(note)
+        if run.logger.tensorboard:
+            run.logger.write_tensorboard(lambda w: write_tensorboard_layout(w, len(arch_parameters(model))))
         record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, run.logger, out,
                      run.resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]}, stop=run.stop)
         directions = derive_directions(model, cfg["strategy"]["k"])

@@ -240,9 +240,9 @@ def test_hierarchical_search_heatmap_knows_its_stages(tmp_path, monkeypatch):
     import nas.search.alphas as alphas_module
     real = alphas_module.alpha_heatmap
 
-    def spy(probs, kept, title, stage_ends=None):
+    def spy(probs, kept, title, stage_ends=None, **kwargs):
         seen["stage_ends"] = stage_ends
-        return real(probs, kept, title, stage_ends)
+        return real(probs, kept, title, stage_ends, **kwargs)
 
     monkeypatch.setattr(alphas_module, "alpha_heatmap", spy)
     out = str(tmp_path / "vssm")
@@ -250,3 +250,12 @@ def test_hierarchical_search_heatmap_knows_its_stages(tmp_path, monkeypatch):
                  "--data.images_per_class", "6", "--train.batch_size", "20", "--log.progress", "false",
                  "--train.warmup_epochs", "0"]) == 0
     assert seen["stage_ends"] == [1, 3, 4]  # local_vssm_demo: depths [1, 2, 1]
+
+
+def test_identical_candidates_are_named_once_in_the_log(tmp_path, capsys):
+    out = str(tmp_path / "seven")  # 28 px / patch 4: a 7 x 7 token grid, where w7 is raster order
+    assert main(TINY + ["--out", out, "--epochs", "1", "--img_size", "28"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "candidate scans are the same" in line]
+    assert len(lines) == 1 and "layers 0-1 (7 x 7 tokens): h = w7, h_flip = w7_flip." in lines[0], lines
+    assert "--distinct" in lines[0]
