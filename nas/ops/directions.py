@@ -9,6 +9,9 @@ position of the scanned sequence, the raster index of the token found there, or 
   part of the sequence (length Hp*Wp) and are dropped when the scan is undone.
 - ``*_flip``: the base sequence reversed, after padding (not a spatial mirror).
 
+These 8 are the search's candidates; their tables, like those of every other order, live in the
+scan-order registry (``nas.ops.scan_registry``).
+
 The position of a name in ``DIRECTIONS`` is its alpha index; every list of directions the tool writes
 is sorted in this order.
 """
@@ -18,83 +21,29 @@ import functools
 
 import torch
 
+from nas.ops.scan_registry import registry_inverse_order, registry_scan_order
+
 DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
-WINDOW_SIZES = {"w2": 2, "w7": 7}
-
-
-def _check_direction(direction) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction: unknown scan direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
-
-
-def _check_grid(H, W) -> None:
-    for name, value in (("H", H), ("W", W)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: grid size must be a positive int, got {value!r}")
-
-
-def _base(direction: str) -> str:
-    return direction[: -len("_flip")] if direction.endswith("_flip") else direction
 
 
 def scan_length(direction: str, H: int, W: int) -> int:
     """Length of the scanned sequence: H*W, or Hp*Wp (padded to the window) for window scans."""
-    _check_direction(direction)
-    _check_grid(H, W)
-    k = WINDOW_SIZES.get(_base(direction))
-    if k is None:
-        return H * W
-    return (-(-H // k) * k) * (-(-W // k) * k)
-
-
-def _build_order(direction: str, H: int, W: int) -> torch.Tensor:
-    base = _base(direction)
-    raster = torch.arange(H * W).view(H, W)
-    if base == "h":
-        order = raster.reshape(-1)
-    elif base == "v":
-        order = raster.t().reshape(-1)
-    else:
-        k = WINDOW_SIZES[base]
-        Hp, Wp = -(-H // k) * k, -(-W // k) * k
-        padded = torch.full((Hp, Wp), -1, dtype=torch.long)
-        padded[:H, :W] = raster
-        # (Hp/k, k, Wp/k, k) -> (Hp/k, Wp/k, k, k): windows row-major, tokens row-major inside.
-        order = padded.view(Hp // k, k, Wp // k, k).permute(0, 2, 1, 3).reshape(-1)
-    if direction.endswith("_flip"):
-        order = order.flip(0)
-    return order.contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_order(direction: str, H: int, W: int, device: torch.device) -> torch.Tensor:
-    return _build_order(direction, H, W).to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_inverse(direction: str, H: int, W: int, device: torch.device) -> torch.Tensor:
-    order = _build_order(direction, H, W)
-    valid = order >= 0
-    inverse = torch.empty(H * W, dtype=torch.long)
-    inverse[order[valid]] = torch.nonzero(valid).squeeze(1)
-    return inverse.to(device)
+    return scan_order(direction, H, W).numel()
 
 
 def scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
     """Raster index of the token at each scan position (-1 for pad tokens). Shape (scan_length,).
 
+    ``direction``: any registered order (``nas.ops.scan_registry``: the 8 above and more); the tables are
+    checked when first built.
     Cached per (direction, H, W, device): treat the result as read-only.
     """
-    _check_direction(direction)
-    _check_grid(H, W)
-    return _cached_order(direction, H, W, torch.device(device or "cpu"))
+    return registry_scan_order(direction, H, W, device)
 
 
 def inverse_scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
     """Scan position of each raster token. Shape (H*W,). ``order[inverse[r]] == r`` for every r."""
-    _check_direction(direction)
-    _check_grid(H, W)
-    return _cached_inverse(direction, H, W, torch.device(device or "cpu"))
+    return registry_inverse_order(direction, H, W, device)
 
 
 def scan_orders(directions, H: int, W: int, device=None) -> torch.LongTensor:
@@ -148,7 +97,6 @@ def undo_scan(y: torch.Tensor, direction: str, H: int, W: int, layout: str = "BL
     return y.index_select(dim, inverse_scan_order(direction, H, W, y.device))
 
 
-
 @functools.lru_cache(maxsize=None)
 def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False) -> tuple[tuple[str, ...], ...]:
     """Groups of candidate directions that scan an H x W grid as the same sequence, pads included.
@@ -164,10 +112,9 @@ def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False) -> 
     Returns groups of two or more names (each in DIRECTIONS order, groups ordered by their first
     member); () when all 8 differ. On 7 x 7: (("h", "w7"), ("h_flip", "w7_flip")).
     """
-    _check_grid(H, W)
     groups: dict[tuple[int, ...], list[str]] = {}
     for name in DIRECTIONS:
-        order = _build_order(name, H, W).tolist()
+        order = scan_order(name, H, W).tolist()
         start = next(i for i, r in enumerate(order) if r >= 0) if ignore_leading_pads else 0
         end = max(i for i, r in enumerate(order) if r >= 0) + 1
         groups.setdefault(tuple(order[start:end]), []).append(name)

@@ -94,8 +94,8 @@ def test_scan_orders_table():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="direction: unknown scan direction 'diag'"):
-        scan_order("diag", 4, 4)
+    with pytest.raises(ValueError, match="name: unknown scan order 'zigzag'; expected one of h, h_flip, "):
+        scan_order("zigzag", 4, 4)
     with pytest.raises(ValueError, match="W: grid size must be a positive int, got 0"):
         scan_order("h", 4, 0)
     with pytest.raises(ValueError, match=r"x: token axis has 15 tokens, expected H\*W = 4\*4 = 16"):
