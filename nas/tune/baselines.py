@@ -13,7 +13,7 @@
   epochs as one supernet search of the config. No pruner: every trial spends its whole budget.
 
 Everything goes under ``RUN/baselines/KIND/``: ``arch.yaml`` (the arch.yaml format of ``nas.derive.export``,
-``probs`` = 1/k on the kept directions, plus a ``baseline`` key); the TPE study adds ``study.journal``,
+``probs`` = 1/k on the kept directions, plus a ``baseline`` key); the TPE study adds ``study.db``,
 ``trial_NNNN/`` (each trial's arch.yaml and training run), ``best.yaml`` and ``figures/``.
 """
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """``RUN/best.yaml`` (contract) and the study's figures.
 
-best.yaml: ``study_name``, ``storage`` (a database URL for ``optuna.load_study``, or the path of the journal
-file, see ``storage_type``), ``storage_type`` (``rdb`` | ``journal``), ``best_trial`` (its number), ``value``,
-``params``, ``run_dir`` (the best trial's run folder) and ``host`` (where that folder is), plus ``metric`` (what
-the value measures), ``trials`` (counts by state) and ``figures``. Before any trial completes, the best fields
-are null. Open the study with ``nas.tune.load_study(RUN)`` (either storage type), or by hand: for ``rdb``,
-``optuna.load_study(study_name=..., storage=URL)``; for ``journal``, ``optuna.load_study(study_name=...,
+best.yaml: ``study_name``, ``storage`` (a database URL for ``optuna.load_study``: by default the run folder's
+SQLite file, ``sqlite:////abs/path/RUN/study.db``; or the path of a journal file of a study begun before that was
+the default, see ``storage_type``), ``storage_type`` (``rdb`` | ``journal``), ``best_trial`` (its number),
+``value``, ``params``, ``run_dir`` (the best trial's run folder) and ``host`` (where that folder is), plus
+``metric`` (what the value measures), ``trials`` (counts by state) and ``figures``. Before any trial completes,
+the best fields are null. Open the study with ``nas.tune.load_study(RUN)`` (either storage type), or by hand: for
+``rdb``, ``optuna.load_study(study_name=..., storage=URL)``; for ``journal``, ``optuna.load_study(study_name=...,
 storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(PATH)))``. Browse it with
-``optuna-dashboard PATH_OR_URL``.
+``optuna-dashboard URL_OR_PATH`` (the ``storage`` value as it stands).
 
 Figures (PNG, ``optuna.visualization.matplotlib``): ``figures/optimization_history.png``,
 ``figures/param_importances.png`` (from two completed trials on) and ``figures/intermediate_values.png`` (the

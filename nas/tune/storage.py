@@ -1,110 +1,138 @@
-"""Where a study lives, and how a killed worker's trial stops counting as running.
+"""Where a study lives, and how a killed worker's trial is failed and retried. Optuna's public API only.
 
-Storage:
-- default: an Optuna journal file, ``RUN/study.journal``. Every write is one appended line under a file lock
-  (``JournalFileBackend`` with its default symlink lock), so any number of processes on one machine (or on a
-  file system with atomic symlinks) can share it. Optuna takes a ``JournalStorage`` object, not a URL; open it
-  with ``nas.tune.load_study(path)`` or as ``best.yaml`` says.
-- ``--storage URL``: any database URL of Optuna's ``RDBStorage`` (``postgresql://user@host/db``,
-  ``mysql+pymysql://...``), for workers on several machines; ``optuna.load_study(study_name=..., storage=URL)``
-  opens it. (SQLite is an RDB URL too, but its writers lock the whole file: fine for one process, not what we
-  recommend for several.)
+Storage (``open_storage``; ``best.yaml`` records ``storage`` and ``storage_type``):
+- default: a SQLite file in the run folder, ``RUN/study.db``, opened as Optuna's ``RDBStorage`` with the URL
+  ``sqlite:////abs/path/RUN/study.db``. Several worker processes on one machine share it: SQLite lets one writer
+  at a time hold the file lock, and a writer that finds it taken waits for it up to ``SQLITE_TIMEOUT`` seconds
+  (the driver's default of 5 s is what makes busy workers fail with "database is locked"), and they open it one
+  at a time (``one_opener_at_a_time``) so that a new file's tables are created once.
+- ``--storage URL``: any database URL ``RDBStorage`` takes (``postgresql://user@host/db``, ``mysql+pymysql://...``,
+  ``sqlite:///PATH``): a database server is what workers on several machines share (SQLite's file locks are not
+  safe on network file systems). ``--storage PATH`` of an existing SQLite file means ``sqlite:///PATH``.
+- journal files of earlier versions: a run folder holding ``study.journal`` keeps using it, and ``--storage PATH``
+  of an existing journal file opens it (Optuna's ``JournalStorage``), so old studies load and continue.
+Open any of them for reading with ``nas.tune.load_study``.
 
-Stale trials: a worker records a heartbeat for its running trial every ``heartbeat.interval`` seconds. Before
-each trial, a worker marks FAIL every RUNNING trial whose last heartbeat is older than ``heartbeat.grace_period``
-and re-queues it (``RetryHeartbeatStaleTrialCallback``: same parameters, a new trial number, up to
-``heartbeat.max_retry`` times; the retry continues the killed trial's run folder from its last checkpoint).
-Optuna's ``RDBStorage`` has heartbeats built in (``heartbeat_interval``, ``grace_period``,
-``heartbeat_stale_trial_callback``); its ``JournalStorage`` (Optuna 5.0) has none, so
-``HeartbeatJournalStorage`` adds them through the same interface (one system attribute per beat), and Optuna's
-own loop then runs them. In addition a RUNNING trial of this host whose worker process no longer exists is
-failed at once (``fail_dead_local_trials``), so rerunning a killed worker picks its trial up without waiting.
+Killed workers, two ways; both mark the trial FAIL and re-queue it with ``RetryHeartbeatStaleTrialCallback``
+(same parameters, a new trial number, up to ``heartbeat.max_retry`` times); the retry continues the killed
+trial's run folder from its last checkpoint (``nas.tune.study.trial_folder``):
+- heartbeats (database storages): Optuna's own, ``RDBStorage(heartbeat_interval=..., grace_period=...,
+  heartbeat_stale_trial_callback=...)``. While a trial runs, its worker records a heartbeat every
+  ``heartbeat.interval`` seconds; before each trial, a worker fails every RUNNING trial not heard from for
+  ``heartbeat.grace_period`` seconds. This covers workers on other machines (a machine that went down, a job
+  killed by a scheduler).
+- dead local workers (every storage): a RUNNING trial of this host whose worker process no longer exists is failed
+  at once (``fail_dead_local_trials``), so rerunning a killed worker picks its trial up without waiting out the
+  grace period. Optuna's ``JournalStorage`` has no heartbeats: on a journal file this is the only way.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import fcntl
 import os
 import socket
-import time
 
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from nas.tune.space import TuneError
 
-STUDY_FILE = "study.journal"
-HEARTBEAT_ATTR = "nas:heartbeat"
+STUDY_DB = "study.db"
+OLD_JOURNAL = "study.journal"  # the default storage before study.db
+SQLITE_TIMEOUT = 60  # seconds a SQLite writer waits for another's lock (each holds it for milliseconds)
+SQLITE_HEADER = b"SQLite format 3\x00"
 WORKER_ATTRS = ("host", "pid")  # user attributes naming the process that runs a trial
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal file storage with Optuna's heartbeat interface (what ``RDBStorage`` offers)."""
-
-    def __init__(self, path: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 heartbeat_stale_trial_callback=None):
-        super().__init__(JournalFileBackend(path))
-        self._heartbeat_interval, self._grace_period = heartbeat_interval, grace_period
-        self._stale_callback = heartbeat_stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except UpdateFinishedTrialError:  # another worker already judged this trial stale
-            pass
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now, stale = time.time(), []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            last = trial.system_attrs.get(HEARTBEAT_ATTR)
-            if last is None:
-                last = trial.datetime_start.timestamp() if trial.datetime_start else now
-            if now - last > self._grace_period:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._stale_callback
-
-
-def retry_callback(max_retry: int | None):
-    """Optuna's retry of a stale trial, without the dead worker's host and pid (the retry is not running yet)."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-
-    def callback(study, trial) -> None:
-        trial = copy.deepcopy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
-        retry(study, trial)
-    return callback
 
 
 def is_url(storage: str) -> bool:
     return "://" in storage
 
 
-def open_storage(storage: str | None, run_dir: str, heartbeat: dict):
-    """(Optuna storage, {"storage": URL or journal path, "storage_type": "rdb" | "journal"})."""
-    callback = retry_callback(heartbeat["max_retry"])
-    if storage is not None and is_url(storage):
-        try:
-            rdb = RDBStorage(storage, heartbeat_interval=heartbeat["interval"], grace_period=heartbeat["grace_period"],
-                             heartbeat_stale_trial_callback=callback)
-        except Exception as exc:  # SQLAlchemy raises many kinds: a bad URL, a missing driver, no server
-            raise TuneError(f"--storage: cannot open {storage!r}: {str(exc).splitlines()[0]}") from None
-        return rdb, {"storage": storage, "storage_type": "rdb"}
-    path = os.path.abspath(storage or os.path.join(run_dir, STUDY_FILE))
-    if os.path.isdir(path):
-        raise TuneError(f"--storage: {path!r} is a folder; give a journal file path or a database URL")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    journal = HeartbeatJournalStorage(path, heartbeat["interval"], heartbeat["grace_period"], callback)
-    return journal, {"storage": path, "storage_type": "journal"}
+def sqlite_url(path: str) -> str:
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
+def is_sqlite_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+
+
+def run_folder_file(run_dir: str) -> str:
+    """The study file of a run folder: the study.journal an earlier version made there, else study.db."""
+    journal = os.path.join(run_dir, OLD_JOURNAL)
+    return journal if os.path.isfile(journal) else os.path.join(run_dir, STUDY_DB)
+
+
+def locate(storage: str | None, run_dir: str) -> dict:
+    """{"storage": database URL or journal path, "storage_type": "rdb" | "journal"} of ``--storage`` (None:
+    the run folder's own file)."""
+    if storage is None:
+        path = run_folder_file(run_dir)
+        if path.endswith(OLD_JOURNAL):
+            return {"storage": os.path.abspath(path), "storage_type": "journal"}
+        return {"storage": sqlite_url(path), "storage_type": "rdb"}
+    if is_url(storage):
+        return {"storage": storage, "storage_type": "rdb"}
+    if not os.path.isfile(storage):
+        raise TuneError(f"--storage: {storage!r} is no database URL and no existing journal or SQLite file "
+                        f"(for a new SQLite file give sqlite:///{os.path.abspath(storage)})")
+    if is_sqlite_file(storage):
+        return {"storage": sqlite_url(storage), "storage_type": "rdb"}
+    return {"storage": os.path.abspath(storage), "storage_type": "journal"}
+
+
+def retry_callback(max_retry: int | None):
+    """Optuna's retry of a failed trial, without the dead worker's host and pid (the retry is not running yet,
+    and a trial that names a dead process would be failed again the moment it starts)."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
+        retry(study, trial)
+    return callback
+
+
+@contextlib.contextmanager
+def one_opener_at_a_time(url: str):
+    """Let one process at a time open a SQLite file (an OS lock on its folder, which works read-only too): Optuna
+    creates the tables of a new database where it finds them missing, and two workers starting together would
+    both create them."""
+    path = sqlalchemy.engine.make_url(url).database if url.startswith("sqlite") else None
+    folder = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
+    if folder is None or not os.path.isdir(folder):
+        yield  # a database server, or no file to lock (the open fails and says why)
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_storage(storage: str | None, run_dir: str, heartbeat: dict | None):
+    """(Optuna storage, {"storage": URL or journal path, "storage_type": "rdb" | "journal"}) of ``--storage``
+    (None: the run folder's). ``heartbeat``: a worker's ``tune.heartbeat`` settings, with which a database
+    storage fails and retries the trials of silent workers; None to read a study or add trials by hand."""
+    where = locate(storage, run_dir)
+    if where["storage_type"] == "journal":
+        return JournalStorage(JournalFileBackend(where["storage"])), where
+    url = where["storage"]
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}} if url.startswith("sqlite") else {}
+    beats = {} if heartbeat is None else {
+        "heartbeat_interval": heartbeat["interval"], "grace_period": heartbeat["grace_period"],
+        "heartbeat_stale_trial_callback": retry_callback(heartbeat["max_retry"])}
+    try:
+        with one_opener_at_a_time(url):
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **beats), where
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # a bad URL, a missing driver, no server
+        raise TuneError(f"cannot open the study storage {url!r}: {str(exc).splitlines()[0]}") from None
 
 
 def worker_attrs() -> dict:
@@ -124,33 +152,32 @@ def _process_exists(pid: int) -> bool:
 def fail_dead_local_trials(study: optuna.Study, max_retry: int | None) -> list[int]:
     """Fail (and re-queue) RUNNING trials of this host whose worker process is gone; returns their numbers."""
     here, me = socket.gethostname(), os.getpid()
+    retry = retry_callback(max_retry)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
         if host != here or not isinstance(pid, int) or pid == me or _process_exists(pid):
             continue
-        try:  # as optuna.storages.fail_stale_trials does: no public API sets another worker's trial
-            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                failed.append(trial.number)
-                retry_callback(max_retry)(study, study._storage.get_trial(trial._trial_id))
-        except UpdateFinishedTrialError:  # another worker got there first
-            pass
+        try:
+            dead = study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, UpdateFinishedTrialError):  # "Cannot tell a FAIL trial": another worker was first
+            continue
+        retry(study, dead)
+        failed.append(trial.number)
     return failed
 
 
 def load_study(path: str, study_name: str | None = None) -> optuna.Study:
     """Open a study for reading or for more trials: ``path`` is a run folder (its best.yaml, else its
-    study.journal), a best.yaml, a journal file or a database URL."""
+    study.db or old study.journal), a best.yaml, a SQLite or journal file, or a database URL."""
     if not is_url(path) and os.path.isdir(path):
         best = os.path.join(path, "best.yaml")
-        path = best if os.path.isfile(best) else os.path.join(path, STUDY_FILE)
+        path = best if os.path.isfile(best) else run_folder_file(path)
     if not is_url(path) and path.endswith((".yaml", ".yml")):
         with open(path) as f:
             best = yaml.safe_load(f)
         study_name = study_name or best["study_name"]
         path = best["storage"]
-    if is_url(path):
-        return optuna.load_study(study_name=study_name, storage=path)
-    if not os.path.isfile(path):
-        raise TuneError(f"load_study: {path!r} is no run folder, best.yaml, journal file or database URL")
-    return optuna.load_study(study_name=study_name, storage=JournalStorage(JournalFileBackend(path)))
+    if not is_url(path) and not os.path.isfile(path):
+        raise TuneError(f"load_study: {path!r} is no run folder, best.yaml, SQLite or journal file or database URL")
+    return optuna.load_study(study_name=study_name, storage=open_storage(path, "", heartbeat=None)[0])

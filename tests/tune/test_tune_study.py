@@ -1,4 +1,5 @@
 """search.py --tune: a study of tiny searches, its best.yaml, shared and resumed studies, stale trials."""
+import json
 import os
 import signal
 import time
@@ -11,7 +12,6 @@ from tune_testing import TINY, demo_with, worker
 
 from nas.search.run import main
 from nas.tune import load_study
-from nas.tune.storage import HeartbeatJournalStorage, retry_callback
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -30,10 +30,10 @@ def test_three_trial_study_writes_a_best_yaml_that_loads(tmp_path):
     best = yaml.safe_load(open(os.path.join(out, "best.yaml")))
     for key in ("study_name", "storage", "best_trial", "value", "params", "run_dir"):
         assert best[key] is not None, key
-    assert best["storage_type"] == "journal" and best["study_name"] == "study"
+    assert best["storage_type"] == "rdb" and best["study_name"] == "study"
+    assert best["storage"] == f"sqlite:///{out}/study.db"  # the default: a SQLite file in the run folder
     # the storage it names opens with plain Optuna, as the header of best.yaml says
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(best["storage"]))
-    study = optuna.load_study(study_name=best["study_name"], storage=storage)
+    study = optuna.load_study(study_name=best["study_name"], storage=best["storage"])
     assert len(study.trials) == 3 and len(finished(study)) == 3
     assert study.best_trial.number == best["best_trial"] and study.best_value == best["value"]
     assert set(best["params"]) == {"strategy.name", "strategy.alpha_lr", "strategy.alpha_warmup_epochs", "train.lr"}
@@ -64,10 +64,13 @@ def test_database_url_storage(tmp_path):
 
 def test_two_worker_processes_share_one_study(tmp_path):
     out = str(tmp_path / "shared")
-    argv = TINY + ["--tune", "4", "--out", out]
+    # heartbeats every second: both workers' heartbeat threads write to the SQLite file beside their trials
+    argv = TINY + ["--tune", "4", "--out", out, "--tune.heartbeat.interval", "1", "--tune.heartbeat.grace_period", "60"]
     procs = [worker(argv), worker(argv)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    assert not any("database is locked" in log for log in logs), logs
+    assert os.path.isfile(os.path.join(out, "study.db"))
     study = load_study(out)
     assert 4 <= len(finished(study)) <= 5  # 5 only when both start a last trial at the same moment
     assert all(t.state in FINISHED for t in study.trials)
@@ -76,18 +79,26 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert len(set(folders)) == len(folders)
 
 
+def epoch_lines(run_dir):
+    """The epoch records of a run's log.jsonl as written (events left out)."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [line for line in f if line.strip() and "event" not in json.loads(line)]
+
+
 def test_killed_worker_trial_is_retried_on_rerun(tmp_path):
     out = str(tmp_path / "killed")
     argv = TINY + ["--tune", "2", "--out", out, "--epochs", "3"]
     proc = worker(argv)
+    first = os.path.join(out, "trial_0000")
     deadline = time.time() + 120
-    while not os.path.isfile(os.path.join(out, "trial_0000", "config.yaml")):  # the first trial has started
+    while not os.path.isfile(os.path.join(first, "last.pt")):  # the first trial's epoch 1 is checkpointed
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    logged = epoch_lines(first)[:1]
     assert load_study(out).trials[0].state == TrialState.RUNNING  # what the kill left behind
-    rerun = worker(argv)
+    rerun = worker(argv)  # at once: the dead worker's trial is failed without waiting for its heartbeat to age
     log = rerun.communicate(timeout=240)[0]
     assert rerun.returncode == 0, log
     study = load_study(out)
@@ -97,22 +108,10 @@ def test_killed_worker_trial_is_retried_on_rerun(tmp_path):
     retry = study.trials[1]  # re-queued with the killed trial's parameters; it continues that trial's folder
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
     assert retry.params == study.trials[0].params
-    assert retry.user_attrs["run_dir"] == os.path.join(out, "trial_0000") and retry.user_attrs["pid"] == rerun.pid
-
-
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_heartbeat_marks_a_silent_trial_failed_and_requeues_it(tmp_path):
-    storage = HeartbeatJournalStorage(str(tmp_path / "study.journal"), heartbeat_interval=1, grace_period=2,
-                                      heartbeat_stale_trial_callback=retry_callback(1))
-    study = optuna.create_study(study_name="hb", storage=storage)
-    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    storage.record_heartbeat(trial._trial_id)
-    optuna.storages.fail_stale_trials(study)
-    assert study.trials[0].state == TrialState.RUNNING  # heard from recently
-    time.sleep(2.5)
-    optuna.storages.fail_stale_trials(study)
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert study.trials[1].params == study.trials[0].params
+    assert retry.user_attrs["run_dir"] == first and retry.user_attrs["pid"] == rerun.pid
+    lines = epoch_lines(first)  # from its checkpoint: epoch 1 was not trained again
+    assert len(lines) == 3 and lines[:1] == logged, lines
+    assert sorted(retry.intermediate_values) == [1, 2, 3]
 
 
 LR = {"type": "float", "low": 1.0e-3, "high": 1.0e-2}
@@ -138,7 +137,7 @@ def test_bad_tune_config_is_one_line_exit_2(tmp_path, capsys, tune, argv, messag
     assert main(demo_with(tmp_path, **tune) + ["--tune", "2", "--out", str(out)] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("search.py: error: ") and message in err[0], err
-    assert not (out / "study.journal").exists()
+    assert not (out / "study.db").exists()
 
 
 def test_a_study_refuses_another_space_and_a_search_folder(tmp_path, capsys):
