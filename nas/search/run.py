@@ -102,7 +102,9 @@ def parse_args(argv):
     mode.add_argument("--compare", action="store_true",
                       help="search, run the baselines, retrain every candidate alike, write --out/compare.md")
     tune.add_argument("--storage", default=None, metavar="URL",
-                      help="study storage: a database URL or a journal file (default: --out/study.journal)")
+                      help="study storage: a database URL (default: sqlite:///OUT/study.db, a SQLite file in --out; a "
+                           "server such as postgresql://user@host/db for workers on several machines), or an "
+                           "existing SQLite or journal file")
     tune.add_argument("--study", default=None, metavar="NAME", help="study name (default: the --out folder's name)")
     args, rest = p.parse_known_args(argv)
     if (args.storage or args.study) and args.tune is None and args.baseline != "tpe":

@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.engine.loop import NonFiniteLoss
+from nas.engine.run_log import epoch_records
 from nas.search.run import run_search
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
@@ -122,8 +123,7 @@ def report_logged(trial: optuna.Trial, run_dir: str, metric: str = "val_top1") -
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        records = {r["epoch"]: r for r in map(json.loads, filter(str.strip, f))}
+    records = epoch_records(path)
     for epoch, record in sorted(records.items()):
         if epoch not in frozen(trial).intermediate_values:
             trial.report(record[metric], epoch)
