@@ -6,6 +6,8 @@ peak memory is the process's peak resident set minus its resident set just befor
 set, the model and the optimizer are already built by then).
 CUDA (--device cuda): search_spaces/localvim_t.yaml's supernet at batch 128 with bf16 autocast on random
 images (``--steps`` steps); peak memory is torch.cuda.max_memory_allocated over those steps.
+--device interpret: that path's code on CPU under TRITON_INTERPRET=1 (scan backend "auto": torch on CPU), a tiny
+demo supernet at batch 2: a check of this script (tests run it); its numbers measure nothing.
 
 Prints a table and writes a JSON record to benchmarks/results/bench_search_<device>.json.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,23 +52,36 @@ class RandomImages(torch.utils.data.Dataset):
         return self.images[i], self.labels[i]
 
 
-def measure(space: str, strategy: str, k: int, device: str, batch: int | None, steps: int | None) -> dict:
-    """One epoch (or `steps` steps) of the search's own training loop under one strategy."""
-    cfg = cfglib.resolve(SEARCH_DEFAULTS, str(ROOT / "search_spaces" / space), {})
+# per device: the search space, config overrides, batch (None: the space's), random images (with their number
+# of classes, and loader workers) or the space's data, and the scan backend
+SETUPS = {
+    "cpu": dict(space="demo.yaml", overrides={}, batch=None, random=None, backend="auto"),
+    "cuda": dict(space="localvim_t.yaml", overrides={}, batch=128, random=(1000, 4), backend="auto"),
+    "interpret": dict(space="demo.yaml", overrides={"img_size": 16, "model_args": {"depth": 1, "embed_dim": 8}},
+                      batch=2, random=(10, 0), backend="auto"),
+}
+
+
+def measure(device: str, strategy: str, k: int, steps: int) -> dict:
+    """One epoch (of `steps` steps on random images) of the search's own training loop under one strategy."""
+    setup = SETUPS[device]
+    space = setup["space"]
+    cfg = cfglib.resolve(SEARCH_DEFAULTS, str(ROOT / "search_spaces" / space), setup["overrides"])
     train = dict(cfg["train"], epochs=1, warmup_epochs=0, amp="auto")
-    if batch:
-        train["batch_size"] = batch
+    if setup["batch"]:
+        train["batch_size"] = setup["batch"]
     strategy_cfg = dict(cfg["strategy"], name=strategy, k=k)
-    env = DistEnv(device=torch.device(device))
+    env = DistEnv(device=torch.device("cuda" if device == "cuda" else "cpu"))
     torch.manual_seed(0)
-    if device == "cuda":
-        num_classes = 1000
+    if setup["random"]:
+        num_classes, workers = setup["random"]
         data = RandomImages(train["batch_size"] * steps, cfg["img_size"], num_classes)
-        loader = build_loader(data, train["batch_size"], True, 4, 0)
+        loader = build_loader(data, train["batch_size"], True, workers, 0)
     else:
         bundle = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
         num_classes, loader = bundle.num_classes, build_loader(bundle.train, train["batch_size"], True, 0, 0)
-    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=num_classes, **cfg["model_args"])
+    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=num_classes, backend=setup["backend"],
+                         **cfg["model_args"])
     model.to(env.device)
     task = create_strategy(strategy_cfg, model, train, 0, None, "")  # the per-epoch report is not run here
     optimizer = task.build_optimizer()
@@ -90,16 +106,19 @@ def measure(space: str, strategy: str, k: int, device: str, batch: int | None, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=tuple(SETUPS), default="cpu",
+                   help="interpret: the CUDA path's code at tiny sizes on CPU under TRITON_INTERPRET=1 (checks this "
+                        "script; its numbers measure nothing)")
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20, help="CUDA: training steps per strategy")
+    p.add_argument("--steps", type=int, default=20, help="CUDA / interpret: training steps per strategy")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_search_<device>.json)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    space = "demo.yaml" if args.device == "cpu" else "localvim_t.yaml"
-    batch = None if args.device == "cpu" else 128
     if args.child:
-        print(json.dumps(measure(space, args.child[0], int(args.child[1]), args.device, batch, args.steps)))
+        print(json.dumps(measure(args.device, args.child[0], int(args.child[1]), args.steps)))
         return
+    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
     rows = []
     for strategy in ("joint", "sampled"):
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
@@ -111,8 +130,10 @@ def main():
     ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
     speed = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     print(f"\nsampled / joint: peak memory {ratio:.2f}x, images/s {speed:.2f}x")
-    out = ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json"
-    out.write_text(json.dumps({"benchmark": "bench_search", "environment": environment(args.device),
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "bench_search", "device": args.device,
+                               "environment": environment("cuda" if args.device == "cuda" else "cpu"),
                                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
                                "sampled_over_joint_peak_memory": ratio, "sampled_over_joint_images_per_s": speed},
                               indent=1))

@@ -19,7 +19,7 @@ table gives the step and its scans as multiples of it. A second table times the 
 (the demo layer, LocalVim-T search and derived layers, the LocalVMamba search stages): ours against mambapy's
 on the same inputs, with the floor.
 CUDA (--device cuda): the real supernets at batch 128 under bf16 autocast, scan backend "auto" (Triton).
---device interpret: the CUDA path's code (scan backend "triton") on CPU under TRITON_INTERPRET=1 at tiny
+--device interpret: the CUDA path's code on CPU under TRITON_INTERPRET=1 (scan backend "auto": torch) at tiny
 sizes, a check of this script (tests run it); its numbers measure nothing.
 
 Prints the tables and writes a JSON record (device, versions, results) to
@@ -68,7 +68,8 @@ MODELS = {
 }
 PATHS = {"cpu": ("batched", "loop", "mambapy"), "cuda": ("batched", "loop"), "interpret": ("batched", "loop")}
 TENSOR_DEVICE = {"cpu": "cpu", "cuda": "cuda", "interpret": "cpu"}
-BACKEND = {"cpu": "torch", "cuda": "auto", "interpret": "triton"}
+BACKEND = {"cpu": "torch", "cuda": "auto", "interpret": "auto"}  # interpret: torch on CPU tensors (the Triton
+# interpreter would take minutes per step; bench_scan --device interpret runs the kernels)
 
 # (label, batch, K, d_inner, N, grid, class token) of the scan-alone table (CPU)
 LAYERS = [

@@ -23,6 +23,7 @@ from nas.engine.distributed import DistEnv, broadcast_object, setup, teardown
 from nas.engine.lock import RunLock, probe_lock
 from nas.engine.preempt import StopSignals
 from nas.engine.run_log import RunLogger
+from nas.engine.threads import set_threads
 from nas.errors import UserError
 
 
@@ -152,7 +153,7 @@ def use_resume(point: ResumePoint | None, out: str, env: DistEnv, logger) -> dic
         logger.info(f"warning: {'; '.join(point.damaged)}; resuming from {point.name} ({point.where}): the "
                     f"training after it is lost and will be done again")
         logger.event("checkpoint_fallback", damaged=point.damaged, used=point.name,
-                     epoch=point.state["loop"]["epoch"], step=point.state["loop"]["step"])
+                     epochs_done=point.state["loop"]["epoch"], step=point.state["loop"]["step"])
     return point.state
 
 
@@ -209,20 +210,22 @@ class OpenRun:
 def open_run(out: str, env: DistEnv, cfg: dict, data, argument: str = "--out", also_safe: tuple[str, ...] = ()):
     """``with open_run(out, env, cfg, data) as run:`` the locked run folder with the run's files written:
     checked against the checkpoint (under the lock, as the last word), the file lists and config.yaml
-    written, a ``resumed`` event logged with the safe changes, SIGINT/SIGTERM caught for the loop."""
+    written, a ``resumed`` event logged with the safe changes, SIGINT/SIGTERM caught for the loop. Its first
+    log line says how many threads PyTorch was given (``nas.engine.threads``)."""
     with run_folder(out, env, argument):
         point = find_resume(out)
         changes = resume_changes(point, cfg, out, argument, also_safe)
         logger = RunLogger(out, env.is_main, cfg["log"]["tensorboard"], cfg["log"]["progress"],
                            cfg["log"]["step_interval"])
         try:
+            logger.info(set_threads(cfg["train"]["workers"]).message)
             if env.is_main:
                 data.write_file_lists(out)
                 cfglib.save(cfg, os.path.join(out, "config.yaml"))
             resume = use_resume(point, out, env, logger)
             if resume is not None:
                 loop = resume["loop"]
-                logger.event("resumed", checkpoint=point.name, epoch=loop["epoch"], batch=loop.get("batch", 0),
+                logger.event("resumed", checkpoint=point.name, epochs_done=loop["epoch"], batch=loop.get("batch", 0),
                              step=loop["step"], changed=changes)
             with StopSignals(logger.info) as stop:
                 yield OpenRun(logger, stop, resume)
