@@ -60,23 +60,26 @@ def _set_path(cfg: dict, keys: list[str], value) -> None:
 
 
 def closest_keys(key: str, valid) -> list[str]:
-    """Up to three valid keys a mistyped ``key`` probably meant: similar spellings, then the same leaf name
-    in another section (``lr`` -> ``train.lr``)."""
+    """Up to three valid keys a mistyped ``key`` probably meant: a similar name in the same section, the same
+    name in another section (``lr`` -> ``train.lr``), then a similar whole key (``trian.lr`` -> ``train.lr``)."""
     valid = sorted(valid)
-    leaf = key.rsplit(".", 1)[-1]
-    found = difflib.get_close_matches(key, valid, n=3, cutoff=0.7)
-    found += [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
-    leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
-    found += [leaves[m] for m in difflib.get_close_matches(leaf, leaves, n=2, cutoff=0.75)]
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == section}
+    found = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.75)]
+    found += [k for k in valid if k.rpartition(".")[2] == leaf]
+    found += difflib.get_close_matches(key, valid, n=3, cutoff=0.85)
     return list(dict.fromkeys(found))[:3]
 
 
 def unknown_key_message(source: str, key: str, valid) -> str:
     near = closest_keys(key, valid)
-    sections = sorted({k.split(".", 1)[0] for k in valid})
-    hint = (f"did you mean {' or '.join(map(repr, near))}?" if near
-            else f"the top-level keys are {', '.join(sections)}")
-    return f"{source}: unknown key {key!r}; {hint}"
+    if near:
+        return f"{source}: unknown key {key!r}; did you mean {' or '.join(map(repr, near))}?"
+    section = key.rpartition(".")[0]
+    siblings = [k.rpartition(".")[2] for k in sorted(valid) if section and k.rpartition(".")[0] == section]
+    if siblings:
+        return f"{source}: unknown key {key!r}; the keys of {section} are {', '.join(siblings)}"
+    return f"{source}: unknown key {key!r}; the top-level keys are {', '.join(sorted({k.split('.')[0] for k in valid}))}"
 
 
 def merge(defaults: dict, updates: dict, source: str, schema: dict | None = None) -> dict:

@@ -148,6 +148,16 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     loader.generator.manual_seed(_loader_seed(loader.seed, epoch, loader.rank))
 
 
+def batches_on_every_rank(loader: DataLoader) -> int:
+    """How many batches every rank's pass over ``loader`` has: an evaluation shard can be one batch shorter on
+    the last ranks (no padding), so per-batch collectives must stop there."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ShardSampler):
+        return len(loader)
+    fewest = len(range(sampler.world_size - 1, sampler.length, sampler.world_size))
+    return -(-fewest // loader.batch_size)
+
+
 def skip_events(loader: DataLoader) -> int:
     """How many samples the loader's dataset has skipped as unreadable so far (see ``ImageFileDataset``)."""
     return getattr(loader.dataset, "skip_events", 0)

@@ -18,7 +18,8 @@ from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_c
 from nas.derive.export import DeriveError
 from nas.engine import checkpoint
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
-from nas.engine.session import data_parallel, find_resume, open_run, resume_changes, run_in_process_group
+from nas.engine.session import (check_out_folder, data_parallel, find_resume, open_run, resume_changes,
+                                run_in_process_group)
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
 from nas.engine.optim import adamw, weight_groups
 from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
@@ -114,11 +115,12 @@ def build_model(cfg: dict, num_classes: int):
 
 def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:
     """Run (or resume) a retraining; returns the last epoch's log record."""
+    check_retrain_config(cfg)
+    check_out_folder(out)
     return run_in_process_group(cfg["train"]["device"], _run, cfg, out, on_epoch)
 
 
 def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
-    check_retrain_config(cfg)
     resume_changes(find_resume(out) if os.path.isdir(out) else None, cfg, out)
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]

@@ -29,12 +29,10 @@ class DistEnv:
 
 
 def setup(device: str = "auto") -> DistEnv:
-    """Pick the device and join the process group when launched by torchrun."""
+    """Pick the device and join the process group when launched by torchrun.
+
+    device: "auto", "cpu" or "cuda" (checked with the run's settings, ``nas.engine.settings.check_train``)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv(device=torch.device("cuda" if use_cuda else "cpu"))
@@ -68,6 +66,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a picklable object, in rank order; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -7,7 +7,8 @@ under bf16 autocast on CUDA, skip the step if the loss is not finite on any rank
 write ``last.pt`` (and ``best.pt`` when the val top-1 improves) atomically.
 
 The checkpoint is the commit point of an epoch: what was logged after the checkpoint a run resumes from is
-dropped first (``RunLogger.commit``), so an epoch redone after a failed checkpoint is logged once. A stop
+dropped first (``RunLogger.commit``, called by ``nas.engine.session.open_run``), so an epoch redone after a
+failed checkpoint is logged once. A stop
 signal (``nas.engine.preempt``) ends the run after the current step (or evaluation batch) with a checkpoint
 of that point: the batch reached in the epoch and the epoch's running sums; a resume continues with the
 same remaining batches in the same order (``set_epoch(..., skip_batches)``) and the same RNG states.
@@ -23,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from nas.data import set_epoch
-from nas.data.loader import skip_events
+from nas.data.loader import batches_on_every_rank, skip_events
 from nas.engine import checkpoint
-from nas.engine.distributed import DistEnv, all_reduce_sum
+from nas.engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from nas.engine.preempt import Preempted
 from nas.engine.schedule import apply_lr
 
@@ -183,6 +184,7 @@ def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val"
     Returns None when a stop signal reached a rank (all ranks stop at the same batch)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss * n, top1, top5, n
+    common = batches_on_every_rank(loader)  # the stop check is a collective: only where every rank has a batch
     for i, batch in enumerate(loader):
         if batch is not None:  # None: every image of the batch was unreadable
             images, labels = batch[0].to(env.device), batch[1].to(env.device)
@@ -193,7 +195,7 @@ def evaluate(model, loader, env: DistEnv, amp: str = "auto", prefix: str = "val"
                                   labels.shape[0]], dtype=torch.float64)
         if bar is not None:
             bar.update(i + 1)
-        if env.distributed or stop is not None:
+        if (stop is not None or env.distributed) and i < common:
             if all_reduce_sum(torch.tensor([_stop_asked(stop)])).item() > 0:
                 if bar is not None:
                     bar.close()
@@ -248,18 +250,19 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
         task.load_state_dict(resume["task"])
         state.update(resume["loop"])
         state["partial"] = _own_partial(state["partial"], env)
-        checkpoint.set_rng_state(resume["rng"])
+        ranks = resume.get("rng_ranks") or [resume["rng"]]  # older checkpoints: rank 0's state only
+        checkpoint.set_rng_state(ranks[env.rank] if len(ranks) == env.world_size else resume["rng"])
         where = (f"epoch {state['epoch'] + 1} at batch {state['batch']}/{len(train_loader)}" if state["batch"]
                  else f"the end of epoch {state['epoch']}")
         logger.info(f"resumed from {where} (step {state['step']})")
-    logger.commit(state["epoch"], state["step"])  # the checkpoint is the commit point: drop what came after it
     record: dict = resume["record"] if resume is not None else {}  # a finished run resumed: its last record
 
     def save(name: str, loop: dict) -> str:
         path = os.path.join(run_dir, name)
+        rngs = all_gather_object(checkpoint.rng_state())  # each rank resumes its own dropout/mixup draws
         if env.is_main:
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-                    "loop": loop, "rng": checkpoint.rng_state(), "record": record, **(extra or {})}
+                    "loop": loop, "rng": rngs[0], "rng_ranks": rngs, "record": record, **(extra or {})}
             checkpoint.save(ckpt, path, keep_previous=name == "last.pt")
         return path
 

@@ -223,8 +223,10 @@ def open_run(out: str, env: DistEnv, cfg: dict, data, argument: str = "--out", a
                 data.write_file_lists(out)
                 cfglib.save(cfg, os.path.join(out, "config.yaml"))
             resume = use_resume(point, out, env, logger)
+            loop = resume["loop"] if resume is not None else {"epoch": 0, "step": 0}
+            # before anything reaches TensorBoard: what came after the checkpoint is dropped (log.jsonl) or hidden
+            logger.commit(loop["epoch"], loop["step"])
             if resume is not None:
-                loop = resume["loop"]
                 logger.event("resumed", checkpoint=point.name, epochs_done=loop["epoch"], batch=loop.get("batch", 0),
                              step=loop["step"], changed=changes)
             with StopSignals(logger.info) as stop:

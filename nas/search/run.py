@@ -143,11 +143,12 @@ def resolve_config(args, rest) -> tuple[dict, str]:
 def run_search(cfg: dict, out: str, on_epoch=None) -> dict:
     """Run (or resume) a search; returns {"record": last epoch's log line, "directions": the top-k lists,
     "alphas": (layers, 8, 1, 1, 1) tensor}."""
+    check_config(cfg)
+    check_out_folder(out)
     return run_in_process_group(cfg["train"]["device"], _run, cfg, out, on_epoch)
 
 
 def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
-    check_config(cfg)
     cfg = settle(cfg)
     resume_changes(find_resume(out) if os.path.isdir(out) else None, cfg, out, also_safe=RESUME_SAFE)
     torch.manual_seed(cfg["seed"])

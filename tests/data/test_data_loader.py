@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nas.data import build_datasets, build_loader, set_epoch
-from nas.data.loader import ShardSampler, sample_seed, skip_events
+from nas.data.loader import ShardSampler, batches_on_every_rank, sample_seed, skip_events
 
 
 def _epoch(loader, epoch):
@@ -126,3 +126,16 @@ def test_distributed_train_loaders_split_each_epoch(image_root, monkeypatch):
         orders.append([index for index, _ in loader.sampler])
     assert len(orders[0]) == len(orders[1]) == 9
     assert sorted(orders[0] + orders[1]) == list(range(18))
+
+
+def test_evaluation_shards_report_the_batches_every_rank_has(image_root, monkeypatch):
+    import nas.data.loader as loader_module
+    val = build_datasets({"path": image_root}, 8).val  # 6 images
+    counts = []
+    for rank in range(4):
+        monkeypatch.setattr(loader_module, "_world", lambda rank=rank: (rank, 4))
+        loader = build_loader(val, 1, train=False, distributed=True)
+        counts.append((len(loader), batches_on_every_rank(loader)))
+    assert counts == [(2, 1), (2, 1), (1, 1), (1, 1)]  # ranks 0-1 hold 2 images, ranks 2-3 one
+    train = build_datasets({"path": image_root}, 8).train
+    assert batches_on_every_rank(build_loader(train, 4, train=True)) == 4

@@ -176,3 +176,10 @@ def test_bad_train_values_name_the_key_what_was_expected_and_what_came(key, valu
 def test_cuda_without_a_gpu_is_refused_up_front():
     with pytest.raises(cfglib.ConfigError, match="train.device: 'cuda' was asked for but this machine has no CUDA"):
         check_train({**TRAIN_DEFAULTS, "device": "cuda"})
+
+
+def test_an_unknown_key_in_a_known_section_lists_that_sections_keys():
+    with pytest.raises(cfglib.ConfigError) as info:
+        cfglib.merge(DEFAULTS, cfglib.parse_overrides(["--train.learning_rate", "1"]), "command line")
+    assert str(info.value) == ("command line: unknown key 'train.learning_rate'; the keys of train are clip_grad, "
+                               "epochs, lr")

@@ -123,7 +123,7 @@ def test_a_damaged_last_pt_falls_back_to_the_newest_readable_checkpoint(tmp_path
     assert err.startswith(f"warning: {last} could not be read (") and err.endswith(
         "; resuming from prev.pt (epoch 2, step 10): the training after it is lost and will be done again")
     event = read_log(os.path.join(out, "log.jsonl"))[0]
-    assert event["event"] == "checkpoint_fallback" and event["used"] == "prev.pt" and event["epoch"] == 2
+    assert event["event"] == "checkpoint_fallback" and event["used"] == "prev.pt" and event["epochs_done"] == 2
     assert not last.exists() and (tmp_path / "last.pt.damaged").exists()  # kept, and not linked as prev.pt later
 
 

@@ -77,7 +77,7 @@ def test_the_checkpoint_commits_epochs_so_a_redone_epoch_is_logged_once(tmp_path
     logger = RunLogger(str(tmp_path), tensorboard=False)
     for epoch in (1, 2, 3):
         logger.epoch({"epoch": epoch, "val_top1": float(epoch)})
-    logger.event("resumed", epoch=2)
+    logger.event("resumed", epochs_done=2)
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"epoch": 4, "val_to')  # a line cut short by a crash
     logger.commit(epoch=2, step=20)  # the checkpoint it resumes from holds epoch 2
