@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import yaml
 
+from nas.atomic import atomic_write
 from nas.derive import export
 from nas.derive.cli import load_arch
 from nas.derive.retrain import retrain_config, run_retrain
@@ -201,7 +202,7 @@ def write_report(cands: list[Candidate], rows: list[dict], cfg: dict, tune: dict
             f"{c.name} " + ", ".join(f"{r['val_top1']:.2f}" for r in c.results) for c in cands)]
     lines += ["", "Architectures: " + ", ".join(f"{c.name} `{os.path.relpath(c.arch_path, out)}`" for c in cands)]
     path = os.path.join(out, "compare.md")
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
     return path
 
@@ -231,6 +232,6 @@ def run_compare(cfg: dict, out: str) -> str:
     summary = [{**asdict(c), "params": row["params"], "flops": row["flops"],
                 "results": [{k: v for k, v in r.items() if k != "config"} for r in c.results]}
                for c, row in zip(cands, rows)]
-    with open(os.path.join(out, "compare.json"), "w") as f:
+    with atomic_write(os.path.join(out, "compare.json")) as f:
         json.dump({"candidates": summary, "recipe": rows[0]["recipe"], "notes": notes}, f, indent=1)
     return path

@@ -23,6 +23,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from nas.atomic import atomic_write
 from nas.viz import save_figure
 
 FIGURES = {"optimization_history": "plot_optimization_history", "param_importances": "plot_param_importances",
@@ -88,9 +89,7 @@ def write_best(study: optuna.Study, where: dict, out: str, metric: str) -> dict:
     if skipped:
         doc["figures_skipped"] = skipped
     path = os.path.join(out, "best.yaml")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(_header(doc))
         yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
     return doc

@@ -14,6 +14,7 @@ import os
 
 import yaml
 
+from nas.atomic import atomic_write
 from nas.data import DataError, build_datasets, write_file_list
 from nas.data.samples import write_class_names
 from nas.tune.space import TuneError
@@ -45,9 +46,7 @@ def selection_data(cfg: dict, fraction: float | None, run_dir: str) -> dict | No
         write_class_names(os.path.join(folder, "classes.txt"), data.class_names)
         write_file_list(train_list, data.train.samples)
         write_file_list(selection_list, data.heldout.samples)
-        tmp = f"{recipe_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(recipe_path) as f:
             yaml.safe_dump(recipe, f, sort_keys=False)
-        os.replace(tmp, recipe_path)
     return {**cfg["data"], "path": os.path.abspath(train_list), "val_path": os.path.abspath(selection_list),
             "heldout_path": None, "classes": None, "num_classes": None, "images_per_class": None, "fraction": None}
