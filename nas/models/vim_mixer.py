@@ -68,7 +68,6 @@ class LocalVimMixer(nn.Module):
             nn.init.uniform_(dt_proj.weight, -dt_std, dt_std)
             with torch.no_grad():
                 dt_proj.bias.copy_(dt_bias_init(self.d_inner))
-            dt_proj.bias._no_reinit = True
             setattr(self, f"dt_proj_{k}", dt_proj)
             D = nn.Parameter(torch.ones(self.d_inner))
             D._no_weight_decay = True
