@@ -76,7 +76,3 @@ def all_gather_object(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

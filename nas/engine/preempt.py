@@ -22,7 +22,7 @@ class Preempted(UserError):
     catch it first to print how to resume and exit with ``exit_code``."""
 
     def __init__(self, signum: int, where: str, checkpoint: str | None):
-        self.signum, self.where, self.checkpoint = signum, where, checkpoint
+        self.signum = signum
         saved = f"saved {checkpoint}" if checkpoint else "rank 0 saved the checkpoint"
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {saved}; the same command "
                          f"continues from there")

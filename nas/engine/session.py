@@ -78,6 +78,7 @@ def run_folder(out: str, env: DistEnv, argument: str = "--out"):
         raise UserError(error)
     try:
         yield
+        broadcast_object(None)  # no rank leaves (and tears the process group down) before rank 0 has written all
     except BaseException:
         if created and not os.path.isfile(os.path.join(out, "last.pt")):
             shutil.rmtree(out, ignore_errors=True)

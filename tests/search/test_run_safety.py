@@ -195,6 +195,26 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_the_resume_is_exact(tmp_pat
         assert records[1][key] == pytest.approx(reference[1][key], abs=1e-6), key
 
 
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    argv = TINY + ["--out", out, "--epochs", "3"]
+    assert main(argv + ["--train.stop_after_epochs", "1"]) == 0
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    proc = _start(argv)
+    _wait_for(proc, "resumed from")
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(proc, "SIGTERM received")  # a second signal sent before the first is handled would merge with it
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc)
+    assert "Traceback" not in err, err
+    if code == 143:  # only when the process was held off the CPU for a whole step: the first stop completed
+        assert checkpoint.load(os.path.join(out, "last.pt"))["loop"]["batch"] > 0
+    else:
+        assert code == 130 and err.strip().splitlines()[-1] == f"search.py: interrupted; {out} keeps its last checkpoint"
+        assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
 def test_a_second_process_on_the_same_folder_is_refused_naming_the_holder(tmp_path, capsys):
     out = str(tmp_path / "run")
     proc = _start(TINY + ["--out", out, "--epochs", "3"])
