@@ -68,9 +68,11 @@ def run_folder(out: str, env: DistEnv, argument: str = "--out"):
             os.makedirs(out, exist_ok=True)
             lock = RunLock(out, argument).acquire()
             _clean(out)
-        except (OSError, UserError) as exc:
-            error = str(exc) if isinstance(exc, UserError) else f"{argument} {out}: cannot create the run folder " \
-                                                                 f"({exc.strerror or exc})"
+        except UserError as exc:  # locked by another process, or its lock file cannot be written
+            error = str(exc)
+        except OSError as exc:
+            error = f"{argument} {out}: cannot create the run folder ({exc.strerror or exc})"
+        if error is not None:
             if created:
                 shutil.rmtree(out, ignore_errors=True)
     error = broadcast_object(error)  # every rank learns whether rank 0 got the folder; also the barrier
