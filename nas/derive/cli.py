@@ -20,6 +20,7 @@ from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rul
                                write_arch)
 from nas.derive.retrain import RETRAIN_DEFAULTS, check_retrain_config, retrain_config, run_retrain
 from nas.engine.loop import NonFiniteLoss
+from nas.engine.preempt import Preempted
 from nas.errors import UserError
 from nas.models import check_directions, create_model
 from nas.models.arch import read_arch_file
@@ -156,9 +157,15 @@ def main(argv=None) -> int:
             return 0
         cfg, out = prepare_retrain(args, rest)
         record = run_retrain(cfg, out)
+    except Preempted as exc:  # before UserError, which it is
+        print(f"derive.py: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UserError, cfglib.ConfigError, DataError, NonFiniteLoss) as exc:
         print(f"derive.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
+        print("derive.py: interrupted", file=sys.stderr)
+        return 130
     print(summary(load_arch(cfg["arch"]), record, args.run, out))
     return 0
 

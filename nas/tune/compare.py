@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from nas.atomic import atomic_write
+from nas.engine.run_log import epoch_records
 from nas.derive import export
 from nas.derive.cli import load_arch
 from nas.derive.retrain import retrain_config, run_retrain
@@ -68,8 +69,7 @@ def logged_cost(run_dirs) -> tuple[float, int]:
         path = os.path.join(run_dir, "log.jsonl")
         if not os.path.isfile(path):
             continue
-        with open(path) as f:
-            records = {r["epoch"]: r for r in map(json.loads, filter(str.strip, f))}  # a resumed epoch counts once
+        records = epoch_records(path)  # a resumed epoch counts once; event lines are not epochs
         seconds += sum(r.get("epoch_time_s", 0.0) for r in records.values())
         epochs += len(records)
     return seconds, epochs
