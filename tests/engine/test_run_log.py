@@ -52,23 +52,22 @@ def test_a_terminal_gets_one_line_redrawn_in_place_with_elapsed_and_etas(monkeyp
     assert out.count("\n") == 1 and out.endswith("\n")  # the finished line ends once
 
 
-def test_a_pipe_gets_plain_lines_only_now_and_then(monkeypatch):
+def _lines_through_a_pipe(total: int) -> list[str]:
+    """What a progress pass of ``total`` steps writes to a pipe (not a terminal)."""
     read_end, write_end = os.pipe()
     stream = os.fdopen(write_end, "w")
-    bar = ProgressBar(1000, "val 1/1", stream=stream)
-    for done in range(1, 1001):
+    bar = ProgressBar(total, "val 1/1", stream=stream)
+    for done in range(1, total + 1):
         bar.update(done)
     stream.close()
-    lines = os.fdopen(read_end).read().splitlines()
+    return os.fdopen(read_end).read().splitlines()
+
+
+def test_a_pipe_gets_plain_lines_only_now_and_then(monkeypatch):
+    lines = _lines_through_a_pipe(1000)
     assert lines == ["val 1/1 [####################] 1000/1000  | 0:00 elapsed"]  # a fast pass: its end only
     monkeypatch.setattr(ProgressBar, "line_s", 0.0)
-    read_end, write_end = os.pipe()
-    stream = os.fdopen(write_end, "w")
-    bar = ProgressBar(100, "val 1/1", stream=stream)
-    for done in range(1, 101):
-        bar.update(done)
-    stream.close()
-    lines = os.fdopen(read_end).read().splitlines()
+    lines = _lines_through_a_pipe(100)
     assert [line.split("] ")[1].split(" ")[0] for line in lines] == ["1/100"] + [f"{d}/100" for d in range(10, 101, 10)]
     assert all("\r" not in line and "\x1b" not in line for line in lines)
 

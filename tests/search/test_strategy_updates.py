@@ -4,7 +4,6 @@ see (after clipping) and the optimizer's formula, for the weights and for alpha,
 The tool runs its own loop (``train_one_epoch``) on a tiny supernet; the reference repeats the same steps
 on a copy of the model with ``torch.autograd.grad`` and AdamW / Adam written out by hand.
 """
-import copy
 import math
 
 import pytest
@@ -78,7 +77,6 @@ def run_tool(name, epochs=(0,), warmup=0):
         set_epoch(loader, epoch)
         state["batch"] = 0
         train_one_epoch(model, loader, optimizer, strategy, train, DistEnv(), state, epoch, NoBar(), logger)
-        strategy.on_epoch_end = lambda *a: {}  # the per-epoch report writes figures; not under test here
     return model, strategy, seen
 
 
@@ -240,10 +238,3 @@ def test_sampled_update_matches_reference():
     active = set(gumbel_top3(arch_parameters(tiny_supernet())[0], 0))
     stepped = {n for n, p in model.named_parameters() if id(p) in seen[0]}
     assert {i for i in range(8) if f"layers.0.mixer.x_proj_{i}.weight" in stepped} == active
-
-
-def test_sampled_merge_gradient_reaches_every_alpha():
-    model, _, seen = run_tool("sampled")
-    alpha = arch_parameters(model)[0]
-    grad = seen[0][id(alpha)].view(-1)
-    assert (grad != 0).all()  # inactive alphas too, through the softmax's normalization
