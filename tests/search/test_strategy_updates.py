@@ -238,3 +238,11 @@ def test_sampled_update_matches_reference():
     active = set(gumbel_top3(arch_parameters(tiny_supernet())[0], 0))
     stepped = {n for n, p in model.named_parameters() if id(p) in seen[0]}
     assert {i for i in range(8) if f"layers.0.mixer.x_proj_{i}.weight" in stepped} == active
+
+
+def test_sampled_merge_gradient_reaches_every_alpha():
+    # the estimator's point: inactive directions' alphas get a gradient through the softmax's normalization
+    # (the reference above shares the model's merge, so it cannot see this property)
+    model, _, seen = run_tool("sampled")
+    alpha = arch_parameters(model)[0]
+    assert (seen[0][id(alpha)].view(-1) != 0).all()
