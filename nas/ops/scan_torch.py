@@ -56,7 +56,8 @@ CHUNK = None
 CHUNK_ELEMS = 1 << 17
 TILE_ROWS = None
 TILE_ELEMS = 1 << 15
-SOFTPLUS_THRESHOLD = 20.0
+# also read by the Triton kernels (nas.ops.scan_triton)
+SOFTPLUS_THRESHOLD = 20.0  # mamba's: softplus(x) = x above it
 LOG2E = 1.4426950408889634
 
 

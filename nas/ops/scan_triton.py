@@ -19,13 +19,16 @@ L = 196 and L = 197 share one compiled kernel.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = math.log2(math.e)
+from nas.errors import UserError
+from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
+
+# the kernels read module globals only as constexpr
+_LOG2E = tl.constexpr(LOG2E)
+_SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
 _NOSPEC = ["S", "L", "n_chunks", "Dg", "G",
            "su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l",
            "sz_b", "sz_g", "sz_d", "sz_l", "sB_b", "sB_g", "sB_n", "sB_l", "sC_b", "sC_g", "sC_n", "sC_l"]
@@ -90,8 +93,8 @@ def _load_chunk(c, b, g, offs_d, mask_d, offs_n, mask_n, A2, bias,
     if HAS_BIAS:
         dt_raw += bias[:, None]
     if SOFTPLUS:
-        # softplus with mamba's threshold of 20, in a form that cannot overflow
-        dt = tl.where(dt_raw <= 20.0, tl.maximum(dt_raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt_raw))), dt_raw)
+        # softplus with mamba's threshold, in a form that cannot overflow
+        dt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, tl.maximum(dt_raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt_raw))), dt_raw)
     else:
         dt = dt_raw
     # Steps past the end of the sequence must leave the state alone (decay 1, no input).
@@ -157,7 +160,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, ATOMIC_BC: tl.constexpr):
     b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv = _program_tile(
         A2_ptr, Dv_ptr, bias_ptr, G, Dg, N, NP, BLOCK_D, HAS_D, HAS_BIAS)
-    A = A2 * (1.0 / 1.4426950408889634)
+    A = A2 * (1.0 / _LOG2E)
     first_t = (tl.arange(0, T) == 0)[None, None, :]
     row = (b * G + g) * Dg + offs_d[:, None]  # contiguous (batch, G, Dg, .) rows of dy/du/ddt/dz
     bc_row = (b * G + g) * N + offs_n[:, None]  # contiguous (batch, G, N, L) rows of dB/dC
@@ -197,7 +200,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
         du = tl.sum(adj * Bt[None, :, :], axis=1) * dt + Dv[:, None] * dy
         dA_acc += tl.sum(adj * prev * dt[:, None, :], axis=2)
         if SOFTPLUS:
-            ddt = tl.where(dt_raw <= 20.0, ddt * tl.sigmoid(dt_raw), ddt)
+            ddt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, ddt * tl.sigmoid(dt_raw), ddt)
         ddt = tl.where(in_seq[None, :], ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += tl.sum(tl.where(mask_d[:, None], ddt, 0.0), axis=1)
@@ -312,7 +315,7 @@ class _TritonScan(torch.autograd.Function):
 
 def _check_n(N: int) -> None:
     if N > 64:
-        raise ValueError(f"A: the triton backend supports d_state N <= 64, got N = {N}; use backend='torch'")
+        raise UserError(f"A: the triton backend supports d_state N <= 64, got N = {N}; use backend='torch'")
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
