@@ -7,17 +7,23 @@ import itertools
 import matplotlib
 import matplotlib.colors
 import matplotlib.lines
+import matplotlib.patches
 import matplotlib.patheffects
 import matplotlib.ticker
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from nas.atomic import atomic_write
+from nas.ops import DIRECTIONS, scan_order
 
-from matplotlib.collections import LineCollection  # noqa: E402
 
-from nas.atomic import atomic_write  # noqa: E402
-from nas.ops import DIRECTIONS, scan_order  # noqa: E402
+def _figure(**kwargs) -> Figure:
+    """A figure drawn by Agg without pyplot, so that the user's matplotlib backend is left alone."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def stage_ends(depths) -> list[int] | None:
@@ -55,7 +61,8 @@ def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_en
     layers = probs.shape[0]
     spread = 1e-9  # TwoSlopeNorm needs vmin < 1/8 < vmax, also for a layer of exactly uniform probabilities
     vmin, vmax = min(probs.min(), UNIFORM - spread), max(probs.max(), UNIFORM + spread)
-    fig, ax = plt.subplots(figsize=(6.4, 1.4 + 0.32 * layers))
+    fig = _figure(figsize=(6.4, 1.4 + 0.32 * layers))
+    ax = fig.subplots()
     image = ax.imshow(probs, cmap="RdBu_r", aspect="auto",
                       norm=matplotlib.colors.TwoSlopeNorm(vcenter=UNIFORM, vmin=vmin, vmax=vmax))
     ax.set_xticks(range(len(DIRECTIONS)), DIRECTIONS, rotation=45, ha="right")
@@ -67,7 +74,7 @@ def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_en
     for i, names in enumerate(kept):
         for name in names:
             j = DIRECTIONS.index(name)
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5,
+            ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5,
                                        path_effects=outline))
     lettered = False
     for i, groups in enumerate(coinciding or []):
@@ -88,12 +95,14 @@ def alpha_heatmap(probs, kept, title: str = "softmax(alpha) per layer", stage_en
 
 
 def save_figure(fig, path: str) -> None:
-    """Write a figure as PNG atomically, then close it."""
+    """Write a figure as PNG atomically, then close it (ours, or one pyplot made, as optuna's are)."""
     try:
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
     finally:
-        plt.close(fig)
+        if fig.canvas.manager is not None:  # only pyplot's figures have a manager, and pyplot is then loaded
+            import matplotlib.pyplot as plt
+            plt.close(fig)
 
 
 def alpha_history_figure(epochs: list[dict], kept=None, title: str = "softmax(alpha) over the search"):
@@ -106,9 +115,9 @@ def alpha_history_figure(epochs: list[dict], kept=None, title: str = "softmax(al
     layers = probs.shape[1]
     cols = min(5, layers)
     rows = -(-layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 2.8 * cols), 2.0 * rows + 1.3), sharex=True,
-                             sharey=True, squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    fig = _figure(figsize=(max(6.5, 2.8 * cols), 2.0 * rows + 1.3))
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    colors = matplotlib.colormaps["tab10"].colors
     for i, ax in enumerate(axes.flat):
         if i >= layers:
             ax.axis("off")
@@ -146,7 +155,8 @@ def alpha_history_figure(epochs: list[dict], kept=None, title: str = "softmax(al
 def scan_orders_figure(H: int = 14, W: int = 14):
     """The 8 candidate scans drawn on an H x W token grid: the path through the token centres, coloured from
     its first token (dark) to its last (yellow), a circle at the start and an arrow at the end."""
-    fig, axes = plt.subplots(2, 4, figsize=(13, 7))
+    fig = _figure(figsize=(13, 7))
+    axes = fig.subplots(2, 4)
     for ax, name in zip(axes.flat, DIRECTIONS):
         order = scan_order(name, H, W)
         order = order[order >= 0].numpy()  # pad tokens hold no image content
