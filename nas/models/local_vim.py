@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nas.errors import UserError
 from nas.models.arch import check_directions, published_directions
 from nas.models.layers import DropPath, RMSNorm
 from nas.models.registry import register_model
@@ -114,7 +115,7 @@ class LocalVim(nn.Module):
                  rope=True, pt_seq_len=14, scattn="channel", backend="auto", model_name="local_vim"):
         super().__init__()
         if embed_dim % 4:
-            raise ValueError(f"embed_dim: expected a multiple of 4 (2-D RoPE splits it in rotating pairs), got {embed_dim}")
+            raise UserError(f"embed_dim: expected a multiple of 4 (2-D RoPE splits it in rotating pairs), got {embed_dim}")
         if directions is not None:
             directions = check_directions(directions, depth, scans_per_layer, model_name)
         self.model_name = model_name

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nas.errors import UserError
 from nas.models.arch import check_directions, published_directions
 from nas.models.layers import DropPath, Permute
 from nas.models.registry import register_model
@@ -64,7 +65,7 @@ class LocalVMamba(nn.Module):
         super().__init__()
         dims, depths = list(dims), list(depths)
         if len(dims) != len(depths):
-            raise ValueError(f"dims: expected one width per stage ({len(depths)} stages), got {dims}")
+            raise UserError(f"dims: expected one width per stage ({len(depths)} stages), got {dims}")
         if directions is not None:
             directions = check_directions(directions, sum(depths), scans_per_layer, model_name)
         self.model_name = model_name
