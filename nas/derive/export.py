@@ -105,7 +105,8 @@ def read_run(run_dir: str) -> dict:
         loop = state.get("loop") or {}
         epoch = loop.get("epoch")
         if not loop.get("batch"):  # a checkpoint of a run stopped inside an epoch holds no epoch's alphas
-            alphas = [v.double().view(-1) for k, v in state["model"].items() if k.endswith("multi_scan.weights")]
+            from nas.models import alpha_state_keys
+            alphas = [state["model"][k].double().view(-1) for k in alpha_state_keys(state["model"])]
             if not alphas:
                 raise DeriveError(f"run: {last!r} holds no alpha parameters; is it a search checkpoint?")
             scores = torch.stack(alphas)

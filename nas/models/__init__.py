@@ -13,10 +13,10 @@ from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
 from nas.models.registry import create_model, is_search_model, list_models
 from nas.models.scattn import SCAttn
-from nas.models.search_space import (arch_parameters, derive_directions, set_active_paths, set_batched,
-                                     split_parameters)
+from nas.models.search_space import (alpha_state_keys, arch_parameters, derive_directions, search_scans,
+                                     set_active_paths, set_batched, split_parameters)
 
-__all__ = ["create_model", "list_models", "is_search_model", "arch_parameters", "derive_directions",
-           "split_parameters", "set_batched", "set_active_paths", "load_checkpoint", "read_state_dict",
-           "derived_from_supernet", "flops", "count_parameters", "published_directions", "check_directions",
-           "LocalVim", "LocalVMamba", "SCAttn"]
+__all__ = ["create_model", "list_models", "is_search_model", "arch_parameters", "search_scans", "alpha_state_keys",
+           "derive_directions", "split_parameters", "set_batched", "set_active_paths", "load_checkpoint",
+           "read_state_dict", "derived_from_supernet", "flops", "count_parameters", "published_directions",
+           "check_directions", "LocalVim", "LocalVMamba", "SCAttn"]

@@ -12,10 +12,11 @@ import re
 import torch
 import torch.nn as nn
 
+from nas.errors import UserError
 from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
 from nas.models.registry import create_model
-from nas.models.search_space import derive_directions
+from nas.models.search_space import alpha_state_keys, derive_directions
 from nas.models.ss2d import SS2D
 from nas.models.vim_mixer import LocalVimMixer
 from nas.ops import DIRECTIONS
@@ -37,15 +38,15 @@ def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
     obj = path_or_state
     if isinstance(obj, (str, os.PathLike)):
         if not os.path.isfile(obj):
-            raise ValueError(f"checkpoint: file {os.fspath(obj)!r} not found")
+            raise UserError(f"checkpoint: file {os.fspath(obj)!r} not found")
         try:
             obj = torch.load(obj, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"checkpoint: {os.fspath(path_or_state)!r} holds objects other than tensors and plain "
+            raise UserError(f"checkpoint: {os.fspath(path_or_state)!r} holds objects other than tensors and plain "
                              f"containers, which we refuse to unpickle ({first_line})") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint: expected a state_dict or a dict holding 'state_dict' or 'model', "
+        raise UserError(f"checkpoint: expected a state_dict or a dict holding 'state_dict' or 'model', "
                          f"got {type(obj).__name__}")
     for wrapper in ("state_dict", "model"):
         if isinstance(obj.get(wrapper), dict):
@@ -54,7 +55,7 @@ def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint: entry {key!r} is a {type(value).__name__}, not a tensor; expected a "
+            raise UserError(f"checkpoint: entry {key!r} is a {type(value).__name__}, not a tensor; expected a "
                              f"state_dict or a dict holding one under 'state_dict' or 'model'")
         for prefix in _PREFIXES:
             while key.startswith(prefix):
@@ -64,7 +65,7 @@ def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Raise a one-line ValueError naming missing, unexpected and shape-mismatched keys, if any."""
+    """Raise a one-line UserError naming missing, unexpected and shape-mismatched keys, if any."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -80,7 +81,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if mismatched:
         problems.append(f"{len(mismatched)} key(s) have another shape: {_shorten(mismatched, 3)}")
     name = getattr(model, "model_name", type(model).__name__)
-    raise ValueError(f"checkpoint: does not fit {name}: " + "; ".join(problems)
+    raise UserError(f"checkpoint: does not fit {name}: " + "; ".join(problems)
                      + " (another model, image size, class count or number of directions per layer?)")
 
 
@@ -101,10 +102,10 @@ def _mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _alphas_from_state(model: nn.Module, state: dict) -> list[torch.Tensor]:
-    keys = [f"{name}.multi_scan.weights" for name, _ in _mixers(model)]
+    keys = alpha_state_keys(model)
     missing = [k for k in keys if k not in state]
     if missing:
-        raise ValueError(f"supernet: no alpha for {_shorten(missing)} in the supernet state; pass directions=")
+        raise UserError(f"supernet: no alpha for {_shorten(missing)} in the supernet state; pass directions=")
     return [state[k] for k in keys]
 
 
@@ -149,10 +150,10 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
     if isinstance(derived, nn.Module):
         model = derived
         if directions is not None and [list(d) for d in directions] != model.directions:
-            raise ValueError(f"directions: the given derived model runs {model.directions}, not the {directions} asked for")
+            raise UserError(f"directions: the given derived model runs {model.directions}, not the {directions} asked for")
     elif derived is None:
         if supernet is None or not isinstance(supernet, (LocalVim, LocalVMamba)):
-            raise ValueError("derived: name a derived model when the supernet is given as a state_dict or path")
+            raise UserError("derived: name a derived model when the supernet is given as a state_dict or path")
         config = {**supernet.config, **overrides, "directions": directions}
         model = type(supernet)(**config, model_name=f"{supernet.model_name}_derived")
     else:
@@ -174,7 +175,7 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
                 break
         if source is None or source.shape != value.shape:
             got = "missing" if source is None else f"shape {tuple(source.shape)}"
-            raise ValueError(f"supernet: cannot fill {key} {tuple(value.shape)} of {model.model_name} from the "
+            raise UserError(f"supernet: cannot fill {key} {tuple(value.shape)} of {model.model_name} from the "
                              f"supernet ({got}); derive a model of the supernet's widths (derived=None)")
         new_state[key] = source
     model.load_state_dict(new_state, strict=True)

@@ -1,7 +1,7 @@
 """Alpha (the architecture parameters) and the derivation of a final architecture from them.
 
 Every searchable layer owns one ``MultiScan`` whose ``weights`` parameter (8, 1, 1, 1) is its alpha
-(state_dict names end with ``multi_scan.weights``). Alphas are ordinary ``nn.Parameter``s, so DDP
+(``alpha_state_keys`` says where they sit in a state_dict). Alphas are ordinary ``nn.Parameter``s, so DDP
 synchronizes them; ``split_parameters`` separates them for their own optimizer group.
 """
 from __future__ import annotations
@@ -9,17 +9,30 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.ops import DIRECTIONS
 
 
-def _multi_scans(model: nn.Module) -> list[MultiScan]:
-    return [m for m in model.modules() if isinstance(m, MultiScan)]
+def search_scans(model: nn.Module) -> list[MultiScan]:
+    """The ``MultiScan`` of every searchable layer, in layer order; [] for derived models."""
+    return [m for m in model.modules() if isinstance(m, MultiScan) and m.search]
 
 
 def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The alpha of every searchable layer, in layer order (8 values each); [] for derived models."""
-    return [m.weights for m in _multi_scans(model) if m.search]
+    return [m.weights for m in search_scans(model)]
+
+
+def alpha_state_keys(model_or_state) -> list[str]:
+    """The state_dict keys of the layers' alphas, in layer order.
+
+    model_or_state: a model (its ``MultiScan`` modules name the keys; a derived model names those of its
+    supernet) or a search model's state_dict read without building the model (its keys that hold an alpha).
+    """
+    if isinstance(model_or_state, nn.Module):
+        return [f"{name}.weights" for name, m in model_or_state.named_modules() if isinstance(m, MultiScan)]
+    return [k for k in model_or_state if k.endswith("multi_scan.weights")]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -37,7 +50,7 @@ def set_active_paths(model: nn.Module, paths) -> nn.Module:
     ``arch_parameters``), or None to run all directions again. Inactive directions' scans are not
     computed (their weights get no gradient); the merge renormalizes softmax(alpha) over the active ones.
     """
-    scans = [m for m in _multi_scans(model) if m.search]
+    scans = search_scans(model)
     if paths is None:
         for m in scans:
             m.active = None
@@ -69,7 +82,7 @@ def _alpha_rows(model_or_alphas) -> list[torch.Tensor]:
         alphas = arch_parameters(model_or_alphas)
         if not alphas:
             name = getattr(model_or_alphas, "model_name", type(model_or_alphas).__name__)
-            raise ValueError(f"model: {name} has no alpha parameters (it is not a search model)")
+            raise UserError(f"model: {name} has no alpha parameters (it is not a search model)")
     elif isinstance(model_or_alphas, torch.Tensor):
         alphas = list(model_or_alphas.reshape(-1, len(DIRECTIONS))) if model_or_alphas.dim() > 0 else [model_or_alphas]
     else:
@@ -90,7 +103,7 @@ def derive_directions(model_or_alphas, k: int = 4) -> list[list[str]]:
     Ties are broken deterministically in favour of the lower DIRECTIONS index.
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
-        raise ValueError(f"k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
+        raise UserError(f"k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
     derived = []
     for alpha in _alpha_rows(model_or_alphas):
         # softmax is monotonic: ranking alpha itself avoids ties that rounding of the softmax would create

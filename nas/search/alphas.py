@@ -9,7 +9,8 @@ import re
 import torch
 
 from nas.atomic import atomic_write
-from nas.models import LocalVim, LocalVMamba, arch_parameters, derive_directions
+from nas.errors import UserError
+from nas.models import LocalVim, LocalVMamba, derive_directions, search_scans
 from nas.ops import DIRECTIONS
 from nas.ops.directions import coinciding_directions
 from nas.viz import alpha_heatmap, save_figure
@@ -33,7 +34,7 @@ def layer_grids(model) -> list[tuple[int, int]]:
             grids += [(h, w)] * depth
             h, w = -(-h // 2), -(-w // 2)  # PatchMerging pads odd sizes
         return grids
-    raise ValueError(f"model: cannot tell which token grids {type(model).__name__} scans")
+    raise UserError(f"model: cannot tell which token grids {type(model).__name__} scans")
 
 
 def coinciding_per_layer(model) -> list[tuple[tuple[str, ...], ...]]:
@@ -71,8 +72,8 @@ def write_tensorboard_layout(writer, num_layers: int) -> None:
 
 
 def layer_probs(model) -> list[list[float]]:
-    """softmax(alpha) of every searched layer, (layers, 8), as plain floats."""
-    return [a.detach().float().view(-1).softmax(0).tolist() for a in arch_parameters(model)]
+    """softmax(alpha) of every searched layer (its ``MultiScan.path_weights``), (layers, 8), as plain floats."""
+    return [m.path_weights().detach().float().tolist() for m in search_scans(model)]
 
 
 def entropy_and_gap(probs: list[float], k: int = 4) -> tuple[float, float]:
