@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nas.models.mixed_scan import MultiScan, scan_tables
+from nas.errors import UserError
+from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
 from nas.models.vim_mixer import a_log_init, dt_bias_init
-from nas.ops import BACKENDS, apply_scan, multi_direction_scan, selective_scan, undo_scan
+from nas.ops import BACKENDS, apply_scan, multi_direction_scan, scan_tables, selective_scan, undo_scan
 
 
 class SS2D(nn.Module):
@@ -37,7 +38,7 @@ class SS2D(nn.Module):
         self.d_inner = Di = int(ssm_ratio * d_model)
         self.dt_rank = R = math.ceil(d_model / 16)
         if backend not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+            raise UserError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.backend = backend
         self.batched = True
         multi_scan = MultiScan(Di, directions, attn=SCAttn(Di, scattn))

@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nas.ops import BACKENDS, apply_scan, multi_direction_scan, selective_scan, undo_scan
-from nas.models.mixed_scan import MultiScan, gather_scans, scan_tables, undo_scans
+from nas.errors import UserError
+from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
+from nas.ops import (BACKENDS, apply_scan, gather_scans, multi_direction_scan, scan_tables, selective_scan,
+                     take_steps, undo_scan)
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
@@ -50,7 +52,7 @@ class LocalVimMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
         if backend not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+            raise UserError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.backend = backend
         self.mid_cls_token = mid_cls_token
         self.batched = True
@@ -108,7 +110,7 @@ class LocalVimMixer(nn.Module):
         A = -torch.exp(self._stacked("A_log_{}", slots).float())
         y = multi_direction_scan(x, dt, A, B, C, self._stacked("D_{}", slots).float(), z,
                                  self._stacked("dt_proj_{}.bias", slots).float(), True, backend=self.backend)
-        return undo_scans(y, inverse)
+        return take_steps(y, inverse)  # back to source order
 
     def _scan_loop(self, xz: torch.Tensor, grid) -> torch.Tensor:
         """The per-direction loop over permuted copies (LocalMamba's structure): the oracle."""

@@ -10,7 +10,7 @@ position of the scanned sequence, the raster index of the token found there, or 
 - ``*_flip``: the base sequence reversed, after padding (not a spatial mirror).
 
 These 8 are the search's candidates; their tables, like those of every other order, live in the
-scan-order registry (``nas.ops.scan_registry``).
+scan-order registry (``nas.ops.scan_registry``); ``nas.ops.scan_index`` reorders tokens through them.
 
 The position of a name in ``DIRECTIONS`` is its alpha index; every list of directions the tool writes
 is sorted in this order.
@@ -44,57 +44,6 @@ def scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
 def inverse_scan_order(direction: str, H: int, W: int, device=None) -> torch.LongTensor:
     """Scan position of each raster token. Shape (H*W,). ``order[inverse[r]] == r`` for every r."""
     return registry_inverse_order(direction, H, W, device)
-
-
-def scan_orders(directions, H: int, W: int, device=None) -> torch.LongTensor:
-    """Stacked scan orders of several directions: (K, S) with S the longest scan; shorter rows end in -1."""
-    directions = list(directions)
-    if not directions:
-        raise ValueError("directions: expected at least one direction, got an empty list")
-    orders = [scan_order(d, H, W, device) for d in directions]
-    S = max(o.numel() for o in orders)
-    table = torch.full((len(orders), S), -1, dtype=torch.long, device=orders[0].device)
-    for k, o in enumerate(orders):
-        table[k, : o.numel()] = o
-    return table
-
-
-def _layout_dim(x: torch.Tensor, layout: str, name: str) -> int:
-    if layout not in ("BLC", "BCL"):
-        raise ValueError(f"layout: expected 'BLC' or 'BCL', got {layout!r}")
-    if x.dim() < 2:
-        raise ValueError(f"{name}: expected a token tensor of at least 2 dims, got shape {tuple(x.shape)}")
-    return x.dim() - 2 if layout == "BLC" else x.dim() - 1
-
-
-def apply_scan(x: torch.Tensor, direction: str, H: int, W: int, layout: str = "BLC") -> torch.Tensor:
-    """Reorder raster tokens into a scan sequence, inserting zero tokens where the scan pads.
-
-    x: (..., L, C) for layout "BLC" or (..., C, L) for "BCL", L = H*W.
-    Returns the same layout with L replaced by ``scan_length(direction, H, W)``.
-    """
-    dim = _layout_dim(x, layout, "x")
-    if x.shape[dim] != H * W:
-        raise ValueError(f"x: token axis has {x.shape[dim]} tokens, expected H*W = {H}*{W} = {H * W} (shape {tuple(x.shape)}, layout {layout})")
-    order = scan_order(direction, H, W, x.device)
-    if bool((order < 0).any()):
-        zero = torch.zeros_like(x.narrow(dim, 0, 1))
-        x = torch.cat([x, zero], dim=dim)
-        order = torch.where(order < 0, H * W, order)
-    return x.index_select(dim, order)
-
-
-def undo_scan(y: torch.Tensor, direction: str, H: int, W: int, layout: str = "BLC") -> torch.Tensor:
-    """Inverse of ``apply_scan``: raster tokens back from a scan sequence, pad tokens dropped.
-
-    y: (..., S, C) for "BLC" or (..., C, S) for "BCL", S = scan_length(direction, H, W).
-    Returns the same layout with S replaced by H*W.
-    """
-    dim = _layout_dim(y, layout, "y")
-    S = scan_length(direction, H, W)
-    if y.shape[dim] != S:
-        raise ValueError(f"y: scan axis has {y.shape[dim]} tokens, expected scan_length({direction!r}, {H}, {W}) = {S} (shape {tuple(y.shape)}, layout {layout})")
-    return y.index_select(dim, inverse_scan_order(direction, H, W, y.device))
 
 
 @functools.lru_cache(maxsize=None)

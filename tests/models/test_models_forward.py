@@ -4,8 +4,7 @@ import torch
 from models_testing import SCAN_BACKEND, small_model
 
 from nas.models import arch_parameters, create_model, list_models, set_batched
-from nas.models.mixed_scan import gather_scans, scan_tables, undo_scans
-from nas.ops import DIRECTIONS
+from nas.ops import DIRECTIONS, gather_scans, scan_tables, take_steps
 
 
 def _input(model, H, W, batch=2):
@@ -46,7 +45,7 @@ def test_scan_tables_undo_exactly(grid, cls):
     table, inverse = scan_tables(DIRECTIONS, H, W, torch.device("cpu"), c, trim_leading=not cls)
     x = torch.randn(2, n_src, 5)
     scanned = gather_scans(x, table)  # (2, K, S, 5)
-    back = undo_scans(scanned.transpose(2, 3), inverse).transpose(2, 3)
+    back = take_steps(scanned.transpose(2, 3), inverse).transpose(2, 3)
     assert torch.equal(back, x[:, None].expand_as(back))
     if cls:  # every scan visits the class token at the same position
         assert torch.equal(scanned[:, :, c], x[:, None, c].expand(2, len(DIRECTIONS), 5))
