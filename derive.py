@@ -2,7 +2,7 @@
 """Derive the searched architecture, visualize it and retrain it. See `python derive.py --help`."""
 import sys
 
-from nas.derive.cli import main
+from nas.cli.derive import main
 
 if __name__ == "__main__":
     sys.exit(main())

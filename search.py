@@ -2,7 +2,7 @@
 """Search the scan directions of a vision Mamba supernet. See `python search.py --help`."""
 import sys
 
-from nas.search.run import main
+from nas.cli.search import main
 
 if __name__ == "__main__":
     sys.exit(main())

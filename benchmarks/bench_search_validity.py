@@ -7,8 +7,8 @@ E); the equal-budget comparison: each strategy's derived top-4, a random 4-of-8 
 fixed set h, h_flip, v, v_flip, each retrained with one recipe over the same seeds, mean +- std of val top-1.
 
 Everything goes through the tool's own paths: the images are PNG files read by ``--data <folder>``, the
-searches run ``nas.search.run`` (parse_args / resolve_config / run_search), the searched architectures are
-derived by ``nas.derive.export`` and every architecture is retrained by ``nas.derive.retrain``.
+searches run ``nas.search.run.run_search`` on configs resolved as search.py resolves them (``nas.cli.search``),
+the searched architectures are derived by ``nas.derive.export`` and every architecture is retrained by ``nas.derive.retrain``.
 
 Prints a table and writes benchmarks/results/bench_search_validity_cpu.json (or --out).
 """
@@ -36,7 +36,8 @@ from nas.derive.retrain import retrain_config, run_retrain  # noqa: E402
 from nas.engine.run_log import LOG_FILE, epoch_records  # noqa: E402
 from nas.models import create_model  # noqa: E402
 from nas.ops import DIRECTIONS  # noqa: E402
-from nas.search.run import parse_args, resolve_config, run_search  # noqa: E402
+from nas.cli.search import parse_args, resolve_config  # noqa: E402
+from nas.search.run import run_search  # noqa: E402
 from nas.tune.baselines import FIXED, make_arch  # noqa: E402
 
 from bench_common import environment  # noqa: E402

@@ -8,7 +8,9 @@ coinciding: [[[names of one scan]...] per layer], model_args: {...}}``, lists in
 ``create_model(model, directions="runs/NAME/arch.yaml", **model_args)`` builds the searched network.
 ``coinciding`` lists, per layer, the candidates that are the same scan on that layer's token grid;
 ``distinct`` says whether the k kept ones had to be k different scans. Files written before ``epoch``,
-``distinct`` and ``coinciding`` existed still load.
+``distinct`` and ``coinciding`` existed still load. Baselines (``nas.tune.baselines``) write the same format
+through the same builder (``build_arch``), with a ``baseline`` key in place of ``epoch``, ``distinct`` and
+``coinciding``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def derived_model_name(search_name: str) -> str:
     name = search_name[: -len("_search")] if search_name.endswith("_search") else search_name
     try:
         spec = model_spec(name)
-    except ValueError:
+    except UserError:
         raise DeriveError(f"model: the search model {search_name!r} has no derived model {name!r}") from None
     if spec.search:
         raise DeriveError(f"model: {name!r} is a search model, not a derived one")
@@ -97,7 +99,7 @@ def read_run(run_dir: str) -> dict:
     if os.path.isfile(last):
         try:
             state = checkpoint.load(last)
-        except ValueError:
+        except UserError:  # damaged, truncated or foreign (nas.engine.checkpoint.CheckpointError)
             fallback = f"; move it away to derive from {history_path}" if history is not None else ""
             raise DeriveError(f"run: {last} could not be read as a checkpoint (damaged, truncated or not written "
                               f"by search.py){fallback}") from None
@@ -125,7 +127,7 @@ def read_run(run_dir: str) -> dict:
     try:
         model = create_model(model_name, **({"img_size": cfg["img_size"]} if "img_size" in cfg else {}),
                              **(cfg.get("model_args") or {}))
-    except ValueError as exc:
+    except UserError as exc:
         raise DeriveError(f"run: {cfg_path}: cannot build the searched model {model_name!r} ({exc})") from None
     grids = layer_grids(model)
     if len(grids) != scores.shape[0]:
@@ -160,12 +162,25 @@ def make_arch(run: dict, run_dir: str, k: int, distinct: bool = False) -> dict:
     if distinct:
         scores = torch.stack([_one_per_scan(row, groups, k, grid, i) for i, (row, groups, grid)
                               in enumerate(zip(scores, run["coinciding"], run["grids"]))])
-    model_args = {key: v for key, v in (run["config"].get("model_args") or {}).items() if key in ARCH_KEYS}
+    return build_arch(run["config"], run["model"], k, derive_directions(scores, k=k),
+                      [[round(float(p), 9) for p in row] for row in run["probs"]], run_dir, epoch=run["epoch"],
+                      distinct=distinct, coinciding=[[list(g) for g in groups] for groups in run["coinciding"]])
+
+
+def arch_model_args(search_cfg: dict, k: int) -> dict:
+    """The derived model's create_model options: the search's architecture overrides and k scans per layer."""
+    model_args = {key: v for key, v in (search_cfg.get("model_args") or {}).items() if key in ARCH_KEYS}
     model_args["scans_per_layer"] = k
-    return {"model": derived_model_name(run["model"]), "source": os.path.abspath(run_dir), "epoch": run["epoch"],
-            "k": k, "distinct": distinct, "directions": derive_directions(scores, k=k),
-            "probs": [[round(float(p), 9) for p in row] for row in run["probs"]],
-            "coinciding": [[list(g) for g in groups] for groups in run["coinciding"]], "model_args": model_args}
+    return model_args
+
+
+def build_arch(search_cfg: dict, search_model: str, k: int, directions: list, probs: list, source: str,
+               **fields) -> dict:
+    """The one arch.yaml builder (derive.py's searched architectures and search.py --baseline's alike): the
+    derived model of ``search_model`` running ``directions`` (k per layer) with the search config's
+    architecture; ``fields`` adds the kind's own keys (epoch, distinct, coinciding / baseline, seed)."""
+    return {"model": derived_model_name(search_model), "source": os.path.abspath(source), "k": k,
+            "directions": directions, "probs": probs, "model_args": arch_model_args(search_cfg, k), **fields}
 
 
 def write_arch(arch: dict, path: str) -> None:

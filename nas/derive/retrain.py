@@ -23,7 +23,6 @@ from nas.engine.session import (check_out_folder, data_parallel, find_resume, op
 from nas.engine.loop import TRAIN_DEFAULTS, Task, fit
 from nas.engine.optim import adamw, weight_groups
 from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
-from nas.errors import UserError
 from nas.models import create_model, derived_from_supernet
 from nas.models.arch import read_arch_file
 
@@ -124,13 +123,9 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     resume_changes(find_resume(out) if os.path.isdir(out) else None, cfg, out)
     torch.manual_seed(cfg["seed"])
     train = cfg["train"]
-    try:  # mistakes in the data or the model settings surface here, before anything is written
-        data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
-        model = build_model(cfg, data.num_classes)
-    except ValueError as exc:
-        if isinstance(exc, UserError):
-            raise
-        raise DeriveError(str(exc)) from None
+    # mistakes in the data or the model settings surface here, before anything is written
+    data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
+    model = build_model(cfg, data.num_classes)
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
     val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
     with open_run(out, env, cfg, data) as run:

@@ -27,6 +27,7 @@ from nas.data import set_epoch
 from nas.data.loader import batches_on_every_rank, skip_events
 from nas.engine import checkpoint
 from nas.engine.distributed import DistEnv, all_gather_object, all_reduce_sum
+from nas.errors import UserError
 from nas.engine.preempt import Preempted
 from nas.engine.schedule import apply_lr
 
@@ -48,8 +49,8 @@ TRAIN_DEFAULTS = {
 }
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss was not finite for too many steps in a row."""
+class NonFiniteLoss(UserError):
+    """The loss was not finite for too many steps in a row (a setting to change: the learning rate, amp, ...)."""
 
 
 class Task:
@@ -102,7 +103,7 @@ def autocast(amp: str, device: torch.device):
     if amp == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if amp != "none":
-        raise ValueError(f"train.amp: expected 'auto', 'bf16' or 'none', got {amp!r}")
+        raise UserError(f"train.amp: expected 'auto', 'bf16' or 'none', got {amp!r}")
     return contextlib.nullcontext()
 
 

@@ -13,6 +13,7 @@ from importlib import resources
 
 import yaml
 
+from nas.errors import UserError
 from nas.ops import DIRECTIONS
 
 
@@ -27,7 +28,7 @@ def published_directions(name: str) -> list[list[str]]:
     """The published searched directions of a model (e.g. ``"local_vim_tiny"``), one list per layer."""
     table = _published()
     if name not in table:
-        raise ValueError(f"published directions: no list named {name!r}; available: {', '.join(sorted(table))}")
+        raise UserError(f"published directions: no list named {name!r}; available: {', '.join(sorted(table))}")
     return [list(layer) for layer in table[name]]
 
 
@@ -39,13 +40,13 @@ def read_arch_file(path) -> list:
     """The ``directions`` of an arch YAML file ``{model: ..., directions: [[...], ...], ...}`` (or a bare list)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"directions: arch file {path!r} not found (expected a YAML file with a 'directions' list, "
-                         f"or one of the published names: {', '.join(published_names())})")
+        raise UserError(f"directions: arch file {path!r} not found (expected a YAML file with a 'directions' list, "
+                        f"or one of the published names: {', '.join(published_names())})")
     with open(path) as f:
         data = yaml.safe_load(f)
     if isinstance(data, dict):
         if "directions" not in data:
-            raise ValueError(f"directions: arch file {path!r} has no 'directions' key (keys: {', '.join(map(str, data))})")
+            raise UserError(f"directions: arch file {path!r} has no 'directions' key (keys: {', '.join(map(str, data))})")
         data = data["directions"]
     return data
 
@@ -65,27 +66,27 @@ def check_directions(directions, num_layers: int, k: int, model: str = "model") 
     Raises ValueError with a one-line message naming the bad value and what was expected.
     """
     if not isinstance(directions, (list, tuple)):
-        raise ValueError(f"directions: expected a list of {num_layers} per-layer lists of {k} scan directions "
-                         f"for {model}, got {type(directions).__name__} {directions!r:.80}")
+        raise UserError(f"directions: expected a list of {num_layers} per-layer lists of {k} scan directions "
+                        f"for {model}, got {type(directions).__name__} {directions!r:.80}")
     if len(directions) != num_layers:
-        raise ValueError(f"directions: expected {num_layers} per-layer lists (one per layer of {model}), "
-                         f"got {len(directions)}")
+        raise UserError(f"directions: expected {num_layers} per-layer lists (one per layer of {model}), "
+                        f"got {len(directions)}")
     checked = []
     for i, layer in enumerate(directions):
         if isinstance(layer, str) or not isinstance(layer, (list, tuple)):
-            raise ValueError(f"directions[{i}]: expected a list of {k} scan directions, got {layer!r}")
+            raise UserError(f"directions[{i}]: expected a list of {k} scan directions, got {layer!r}")
         layer = tuple(layer)
         for name in layer:
             if name not in DIRECTIONS:
-                raise ValueError(f"directions[{i}]: unknown scan direction {name!r} in {list(layer)}; "
-                                 f"expected names from {', '.join(DIRECTIONS)}")
+                raise UserError(f"directions[{i}]: unknown scan direction {name!r} in {list(layer)}; "
+                                f"expected names from {', '.join(DIRECTIONS)}")
         if len(layer) != k:
-            raise ValueError(f"directions[{i}]: expected {k} directions per layer, got {len(layer)}: {list(layer)}")
+            raise UserError(f"directions[{i}]: expected {k} directions per layer, got {len(layer)}: {list(layer)}")
         seen = set()
         for name in layer:
             if name in seen:
-                raise ValueError(f"directions[{i}]: direction {name!r} appears more than once in {list(layer)}; "
-                                 f"each layer needs {k} different directions")
+                raise UserError(f"directions[{i}]: direction {name!r} appears more than once in {list(layer)}; "
+                                f"each layer needs {k} different directions")
             seen.add(name)
         checked.append(layer)
     return checked

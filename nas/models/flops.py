@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from nas.errors import UserError
 from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
 from nas.models.mixed_scan import scan_tables
@@ -116,7 +117,7 @@ def flops(model: nn.Module, img_size=None, convention: str = "fvcore") -> int:
     reported, to compare with the published figures).
     """
     if convention not in ("fvcore", "released"):
-        raise ValueError(f"convention: expected 'fvcore' or 'released', got {convention!r}")
+        raise UserError(f"convention: expected 'fvcore' or 'released', got {convention!r}")
     if img_size is None:
         img_size = model.config["img_size"]
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -124,7 +125,7 @@ def flops(model: nn.Module, img_size=None, convention: str = "fvcore") -> int:
         return _vim_flops(model, H, W) if convention == "fvcore" else _vim_flops_released(model, H, W)
     if isinstance(model, LocalVMamba):
         return _vmamba_flops(model, H, W)
-    raise ValueError(f"model: flops() supports LocalVim and LocalVMamba models, got {type(model).__name__}")
+    raise UserError(f"model: flops() supports LocalVim and LocalVMamba models, got {type(model).__name__}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,6 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nas.errors import UserError
 from nas.models.arch import published_directions, resolve_directions
 
 
@@ -48,8 +49,8 @@ def list_models(pattern: str = "*", include_aliases: bool = False) -> list[str]:
 
 def model_spec(name: str) -> ModelSpec:
     if not isinstance(name, str) or (name not in _MODELS and name not in _ALIASES):
-        raise ValueError(f"model: unknown model name {name!r}; expected one of {', '.join(list_models())} "
-                         f"(aliases: {', '.join(sorted(_ALIASES))})")
+        raise UserError(f"model: unknown model name {name!r}; expected one of {', '.join(list_models())} "
+                        f"(aliases: {', '.join(sorted(_ALIASES))})")
     return _MODELS[_ALIASES.get(name, name)]
 
 
@@ -69,12 +70,12 @@ def create_model(name: str, directions=None, **overrides):
     allowed = [k for k in spec.cls.CONFIG_KEYS if k != "directions"]
     for key in overrides:
         if key not in allowed:
-            raise ValueError(f"{key}: not an option of {spec.name}; expected one of {', '.join(allowed)}")
+            raise UserError(f"{key}: not an option of {spec.name}; expected one of {', '.join(allowed)}")
     config = {**spec.defaults, **overrides}
     if spec.search:
         if directions is not None:
-            raise ValueError(f"directions: {spec.name} is a search model that runs all 8 directions in every layer; "
-                             f"pass directions= to a derived model instead")
+            raise UserError(f"directions: {spec.name} is a search model that runs all 8 directions in every layer; "
+                            f"pass directions= to a derived model instead")
         config["directions"] = None
     else:
         config["directions"] = resolve_directions(spec.default_directions() if directions is None else directions)

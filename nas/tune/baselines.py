@@ -12,8 +12,9 @@
   budget is ``tune.baseline.tpe_trials`` trials, by default ``train.epochs // tpe_epochs``: as many training
   epochs as one supernet search of the config. No pruner: every trial spends its whole budget.
 
-Everything goes under ``RUN/baselines/KIND/``: ``arch.yaml`` (the arch.yaml format of ``nas.derive.export``,
-``probs`` = 1/k on the kept directions, plus a ``baseline`` key); the TPE study adds ``study.db``,
+Everything goes under ``RUN/baselines/KIND/``: ``arch.yaml`` (the arch.yaml format of ``nas.derive.export``, from
+its builder, ``probs`` = 1/k on the kept directions, plus a ``baseline`` key) and ``search_config.yaml`` (the
+search config, so that ``derive.py RUN/baselines/KIND --retrain`` retrains it like a searched one); the TPE study adds ``study.db``,
 ``trial_NNNN/`` (each trial's arch.yaml and training run), ``best.yaml`` and ``figures/``.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ import random
 import optuna
 
 from nas import config as cfglib
-from nas.derive.export import ARCH_KEYS, derived_model_name, write_arch
+from nas.derive.arch_file import BASELINE_CONFIG
+from nas.derive.export import arch_model_args, build_arch, derived_model_name, write_arch
 from nas.derive.retrain import retrain_config, run_retrain
 from nas.models import arch_parameters, check_directions, create_model, published_directions
 from nas.models.arch import published_names
@@ -36,7 +38,7 @@ from nas.tune.selection import selection_data
 from nas.tune.space import TuneError, resolve_tune
 from nas.tune.storage import open_storage
 from nas.tune.study import (check_run_folder, make_sampler, open_study, optimize_until, pruning_callback,
-                            report_logged, setup_fingerprint, start_trial, study_name_of)
+                            quiet_optuna, report_logged, setup_fingerprint, start_trial, study_name_of)
 
 BASELINES = ("fixed", "random", "published", "tpe")
 FIXED = ("h", "h_flip", "v", "v_flip")
@@ -48,26 +50,19 @@ def canonical(layer) -> list[str]:
 
 def search_layout(cfg: dict) -> tuple[str, dict, int, int]:
     """(derived model, its architecture arguments, number of searched layers, k) of a search config."""
-    derived = derived_model_name(cfg["model"])
     k = cfg["strategy"]["k"]
-    model_args = {key: v for key, v in cfg["model_args"].items() if key in ARCH_KEYS}
-    model_args["scans_per_layer"] = k
-    try:
-        supernet = create_model(cfg["model"], img_size=cfg["img_size"], **cfg["model_args"])
-    except ValueError as exc:
-        raise TuneError(str(exc)) from None
-    return derived, model_args, len(arch_parameters(supernet)), k
+    supernet = create_model(cfg["model"], img_size=cfg["img_size"], **cfg["model_args"])
+    return derived_model_name(cfg["model"]), arch_model_args(cfg, k), len(arch_parameters(supernet)), k
 
 
-def make_arch(cfg: dict, directions: list, source: str, baseline: str, layout=None) -> dict:
-    """An arch.yaml dict for given per-layer lists, checked against the derived model."""
+def baseline_arch(cfg: dict, directions: list, source: str, baseline: str, layout=None) -> dict:
+    """An arch.yaml dict for given per-layer lists (probs 1/k on the kept ones), checked against the derived model."""
     derived, model_args, _, k = layout or search_layout(cfg)
     directions = [canonical(layer) for layer in directions]
     probe = create_model(derived, directions=directions, img_size=cfg["img_size"], **model_args)
     check_directions(directions, len(probe.directions), k, derived)
     probs = [[round(1.0 / k, 6) if d in layer else 0.0 for d in DIRECTIONS] for layer in directions]
-    return {"model": derived, "source": os.path.abspath(source), "k": k, "directions": directions, "probs": probs,
-            "model_args": model_args, "baseline": baseline}
+    return build_arch(cfg, cfg["model"], k, directions, probs, source, baseline=baseline)
 
 
 def baseline_directions(kind: str, cfg: dict, seed: int, layout) -> list[list[str]]:
@@ -96,13 +91,20 @@ def write_baseline(kind: str, cfg: dict, out: str) -> tuple[dict, str]:
     seed = tune["baseline"]["seed"] if tune["baseline"]["seed"] is not None else cfg["seed"]
     folder = os.path.join(out, "baselines", kind)
     layout = search_layout(cfg)
-    arch = make_arch(cfg, baseline_directions(kind, cfg, seed, layout), folder, kind, layout)
+    arch = baseline_arch(cfg, baseline_directions(kind, cfg, seed, layout), folder, kind, layout)
     if kind == "random":
         arch["seed"] = seed
+    return arch, write_baseline_folder(arch, cfg, folder)
+
+
+def write_baseline_folder(arch: dict, cfg: dict, folder: str) -> str:
+    """FOLDER/arch.yaml and, beside it, the search config it stands in for, so that ``derive.py FOLDER --retrain``
+    retrains it as it retrains a searched architecture. Returns the arch.yaml path."""
     os.makedirs(folder, exist_ok=True)
+    cfglib.save(cfg, os.path.join(folder, BASELINE_CONFIG))
     path = os.path.join(folder, "arch.yaml")
     write_arch(arch, path)
-    return arch, path
+    return path
 
 
 def retrain_overrides(tune: dict, epochs: int | None = None, warmup_epochs: int | None = None) -> dict:
@@ -134,7 +136,7 @@ class DirectionObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         run_dir = start_trial(trial, self.root, self.tune, self.seed)
         directions = [trial.suggest_categorical(f"layer{i:02d}", self.choices).split(",") for i in range(self.layers)]
-        arch = make_arch(self.cfg, directions, run_dir, "tpe", self.layout)
+        arch = baseline_arch(self.cfg, directions, run_dir, "tpe", self.layout)
         os.makedirs(run_dir, exist_ok=True)
         arch_path = os.path.join(run_dir, "arch.yaml")
         write_arch(arch, arch_path)
@@ -148,6 +150,7 @@ class DirectionObjective:
 
 def run_tpe(cfg: dict, out: str, storage: str | None = None, study_name: str | None = None) -> tuple[dict, str]:
     """The TPE baseline's study in RUN/baselines/tpe; returns (best.yaml content, path of the best arch.yaml)."""
+    quiet_optuna()
     tune = resolve_tune(cfg, need_params=False)
     check_run_folder(out)
     root = os.path.join(out, "baselines", "tpe")
@@ -169,9 +172,7 @@ def run_tpe(cfg: dict, out: str, storage: str | None = None, study_name: str | N
         raise TuneError(f"--baseline tpe: no trial of {name!r} completed; see {root}")
     arch = cfglib.load_yaml(os.path.join(best["run_dir"], "arch.yaml"))
     arch["source"] = os.path.abspath(best["run_dir"])
-    path = os.path.join(root, "arch.yaml")
-    write_arch(arch, path)
-    return best, path
+    return best, write_baseline_folder(arch, cfg, root)
 
 
 def run_baseline(kind: str, cfg: dict, out: str, storage: str | None = None, study_name: str | None = None) -> str:

@@ -39,7 +39,7 @@ import yaml
 from nas.atomic import atomic_write
 from nas.engine.run_log import epoch_records
 from nas.derive import export
-from nas.derive.cli import load_arch
+from nas.derive.arch_file import load_arch
 from nas.derive.retrain import retrain_config, run_retrain
 from nas.models import count_parameters, create_model, flops
 from nas.search.run import run_search

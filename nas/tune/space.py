@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 
 from nas import config as cfglib
-from nas.data import DataError, resolve_data_config
-from nas.search.run import SEARCH_DEFAULTS, UserError
+from nas.data import resolve_data_config
+from nas.errors import UserError
+from nas.search.run import SEARCH_DEFAULTS
 from nas.search.strategies import check_strategy
 
 TUNE_DEFAULTS = {
@@ -121,7 +122,7 @@ def check_trial_config(cfg: dict, where: str) -> None:
     try:
         check_strategy(cfg["strategy"])
         resolve_data_config(cfg["data"])
-    except (ValueError, DataError) as exc:
+    except UserError as exc:  # a sampled value the search would refuse: say which
         raise TuneError(f"{where}: {exc}") from None
 
 
@@ -188,7 +189,7 @@ def _check_options(tune: dict) -> None:
     for name in strategies:
         try:
             check_strategy({"name": name, "k": 4, "alpha_warmup_epochs": 0})
-        except ValueError as exc:
+        except UserError as exc:
             raise TuneError(f"tune.compare.strategies: {exc}") from None
     seeds = tune["compare"]["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds) or len(set(seeds)) < len(seeds):

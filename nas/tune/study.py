@@ -31,10 +31,14 @@ from nas.tune.selection import selection_data
 from nas.tune.space import TuneError, apply_params, check_trial_config, resolve_tune, suggest
 from nas.tune.storage import fail_dead_local_trials, open_storage, worker_attrs
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def quiet_optuna() -> None:
+    """Optuna's per-trial INFO lines and its notes on experimental features would bury the run's own log; set
+    when a study starts, not on import, so that importing nas.tune leaves a user's Optuna settings alone."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def make_sampler(tune: dict, seed: int) -> optuna.samplers.BaseSampler:
@@ -175,6 +179,7 @@ def run_study(cfg: dict, out: str, n_trials: int, storage: str | None = None, st
     """Work on the study of ``out`` until it holds ``n_trials`` finished trials; returns best.yaml's content."""
     if n_trials < 1:
         raise TuneError(f"--tune: expected a number of trials >= 1, got {n_trials}")
+    quiet_optuna()
     tune = resolve_tune(cfg)
     check_run_folder(out)
     os.makedirs(out, exist_ok=True)

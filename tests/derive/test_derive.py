@@ -10,14 +10,14 @@ import torch
 import yaml
 
 from nas import config as cfglib
-from nas.derive.cli import main as derive_main
-from nas.derive.cli import parse_args, prepare_retrain
+from nas.cli.derive import main as derive_main
+from nas.cli.derive import parse_args, prepare_retrain
 from nas.derive.retrain import build_model
 from nas.engine import checkpoint
 from nas.models import arch_parameters, create_model
 from nas.ops import DIRECTIONS
 from nas.search.alphas import AlphaHistory, layer_probs
-from nas.search.run import main as search_main
+from nas.cli.search import main as search_main
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces", "demo.yaml")
 TINY = ["--model_args.depth", "2", "--model_args.embed_dim", "16", "--img_size", "16", "--log.progress", "false"]

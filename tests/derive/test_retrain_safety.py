@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from nas.derive.cli import main as derive_main
+from nas.cli.derive import main as derive_main
 from nas.engine import checkpoint
 from nas.engine.run_log import read_log
-from nas.search.run import main as search_main
+from nas.cli.search import main as search_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "search_spaces", "demo.yaml")

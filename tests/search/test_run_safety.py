@@ -17,7 +17,7 @@ from PIL import Image
 
 from nas.engine import checkpoint
 from nas.engine.run_log import epoch_records, read_log
-from nas.search.run import main
+from nas.cli.search import main
 from test_search import DEMO, TINY, model_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from nas.data import build_datasets
 from nas.engine import checkpoint
 from nas.models import arch_parameters, create_model
-from nas.search.run import main, parse_args, resolve_config, run_search
+from nas.cli.search import main, parse_args, resolve_config
+from nas.search.run import run_search
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces", "demo.yaml")
 # 2 layers of width 16 on a 4 x 4 token grid, 12 images per class: one epoch takes a few seconds

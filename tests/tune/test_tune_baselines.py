@@ -6,10 +6,11 @@ import pytest
 import yaml
 from tune_testing import LOCALVIM_T, TINY, TINY_RETRAIN, demo_with
 
-from nas.derive.cli import load_arch
+from nas.derive.arch_file import load_arch
 from nas.models import check_directions, create_model, published_directions
 from nas.ops import DIRECTIONS
-from nas.search.run import main
+from nas.cli.derive import main as derive_main
+from nas.cli.search import main
 from nas.tune import load_study
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -42,6 +43,28 @@ def test_fixed_and_random_baselines(tmp_path):
         draws.append(arch_of(out, "random")["directions"])
     assert draws[0] == draws[1] != draws[2] and len(draws[0]) == 6
     assert all(len(set(layer)) == 4 for layer in draws[0]) and len({tuple(x) for x in draws[0]}) > 1
+
+
+def test_a_baselines_arch_yaml_retrains_with_derive_py_like_a_searched_one(tmp_path, capsys):
+    """One builder for both kinds: the baseline's folder holds its search config, so derive.py retrains it with
+    the search's data and retraining recipe; deriving it (it has no alphas) or another -k is a one-line error."""
+    out = str(tmp_path / "b")
+    assert main(TINY + ["--baseline", "fixed", "--out", out, "--retrain.train.epochs", "1",
+                        "--retrain.log.progress", "false", "--retrain.log.tensorboard", "false"]) == 0
+    folder = os.path.join(out, "baselines", "fixed")
+    capsys.readouterr()
+    assert derive_main([folder]) == 2
+    assert "is a baseline's folder" in capsys.readouterr().err
+    assert derive_main([folder, "--retrain", "-k", "3"]) == 2
+    assert "keeps the directions it was chosen with" in capsys.readouterr().err
+    assert derive_main([folder, "--retrain", "--train.batch_size", "24", "--train.workers", "0",
+                        "--train.warmup_epochs", "0", "--train.mixup", "0", "--train.cutmix", "0"]) == 0
+    with open(os.path.join(folder, "retrain", "config.yaml")) as f:
+        retrained = yaml.safe_load(f)
+    assert retrained["model"] == "local_vim_demo" and retrained["arch"] == os.path.join(folder, "arch.yaml")
+    assert retrained["train"]["epochs"] == 1 and retrained["img_size"] == 16  # the search config's retrain: and size
+    assert retrained["model_args"]["depth"] == 2 and retrained["data"]["images_per_class"] == 12
+    assert "retrained local_vim_demo: val top-1" in capsys.readouterr().out
 
 
 def test_published_baseline_is_localmamba_list_or_an_error(tmp_path, capsys):

@@ -20,7 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tune_testing import ROOT, TINY
 
-from nas.search.run import main
+from nas.cli.search import main
 from nas.tune import load_study
 from nas.tune.storage import open_storage
 

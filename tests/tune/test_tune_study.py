@@ -10,7 +10,7 @@ import yaml
 from optuna.trial import TrialState
 from tune_testing import TINY, demo_with, worker
 
-from nas.search.run import main
+from nas.cli.search import main
 from nas.tune import load_study
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

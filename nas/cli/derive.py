@@ -12,18 +12,12 @@ import argparse
 import os
 import sys
 
-import torch
-
 from nas import config as cfglib
-from nas.data import DataError
-from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
-                               write_arch)
+from nas.cli.command import run_command
+from nas.derive.arch_file import baseline_config, check_arch, load_arch, stale_reason
+from nas.derive.export import DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run, \
+    write_arch
 from nas.derive.retrain import RETRAIN_DEFAULTS, check_retrain_config, retrain_config, run_retrain
-from nas.engine.loop import NonFiniteLoss
-from nas.engine.preempt import Preempted
-from nas.errors import UserError
-from nas.models import check_directions, create_model
-from nas.models.arch import read_arch_file
 
 DEFAULT_K = 4
 
@@ -32,7 +26,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="derive.py", description="Derive the searched architecture, draw it, retrain it.",
                                 epilog="With --retrain any retraining key can be overridden: --train.lr 5e-4, "
                                        "--model_args.drop_path_rate 0.2, train.ema_decay=0.9998.")
-    p.add_argument("run", help="a search run folder (runs/NAME)")
+    p.add_argument("run", help="a search run folder (runs/NAME), or with --retrain a baseline's folder "
+                               "(runs/NAME/baselines/KIND, written by search.py --baseline KIND)")
     p.add_argument("-k", type=int, default=None,
                    help=f"directions kept per layer (1..8; default {DEFAULT_K}, with --retrain what arch.yaml holds)")
     p.add_argument("--distinct", action="store_true",
@@ -47,68 +42,25 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
-def derive(run_dir: str, k: int = DEFAULT_K, distinct: bool = False, quiet: bool = False) -> tuple[dict, str]:
-    """Write RUN/arch.yaml and the figures; print the table and the lists. Returns (arch, arch path)."""
+def derive(run_dir: str, k: int = DEFAULT_K, distinct: bool = False) -> None:
+    """Write RUN/arch.yaml and the figures; print the table and the lists."""
+    if baseline_config(run_dir) is not None:
+        raise DeriveError(f"run: {run_dir!r} is a baseline's folder: its arch.yaml was chosen without alphas, so there "
+                          f"is nothing to derive; retrain it with python derive.py {run_dir} --retrain")
     run = read_run(run_dir)
-    arch = make_arch(run, run_dir, k, distinct)
-    return publish(arch, run, run_dir, quiet), os.path.join(run_dir, "arch.yaml")
+    publish(make_arch(run, run_dir, k, distinct), run, run_dir)
 
 
-def publish(arch: dict, run: dict, run_dir: str, quiet: bool = False) -> dict:
+def publish(arch: dict, run: dict, run_dir: str) -> None:
     """Write arch.yaml and the figures of a derived architecture; print the table and the lists."""
     path = os.path.join(run_dir, "arch.yaml")
     write_arch(arch, path)
     figures = draw_figures(arch, run["history"], run_dir)
-    if not quiet:
-        print(f"derived {arch['model']} from {run['model']} at search epoch {arch['epoch']} "
-              f"({len(arch['directions'])} layers, the {kept_rule(arch)} of each)\n")
-        print(format_table(arch))
-        print("\nas LocalMamba's Python lists:\n" + python_literal(arch))
-        print(f"\nwrote {path}\nfigures: {', '.join(figures)}")
-    return arch
-
-
-def check_arch(arch: dict, directions, arch_path: str) -> None:
-    """Build the derived model once so that a bad arch fails before any training."""
-    try:
-        probe = create_model(arch["model"], directions=directions, **arch["model_args"])
-        check_directions(directions, len(probe.directions), len(directions[0]) if directions else 0, arch["model"])
-    except ValueError as exc:
-        raise DeriveError(f"arch: {arch_path}: {exc}") from None
-
-
-def load_arch(arch_path: str) -> dict:
-    """An arch file as the retraining reads it, checked against its model before any training."""
-    arch = cfglib.load_yaml(arch_path, "arch")
-    if "model" not in arch:
-        raise DeriveError(f"arch: {arch_path!r} is not an arch file (expected keys model, directions, ...)")
-    arch.setdefault("model_args", {})
-    arch.setdefault("source", os.path.dirname(os.path.abspath(arch_path)))
-    try:
-        directions = read_arch_file(arch_path)
-    except ValueError as exc:
-        raise DeriveError(str(exc)) from None
-    check_arch(arch, directions, arch_path)
-    return arch
-
-
-def stale_reason(arch: dict, run: dict, k: int | None, distinct: bool) -> str | None:
-    """Why an existing arch.yaml is not the architecture asked for from the run's latest alphas, or None."""
-    held = f"the {kept_rule(arch)}"
-    if "epoch" in arch:
-        held += f" of search epoch {arch['epoch']}"
-        if arch["epoch"] != run["epoch"]:
-            return f"holds {held}, but the run's latest alphas are from epoch {run['epoch']}"
-    else:  # written before arch files recorded their epoch: compare its probabilities (6 decimals then)
-        probs = torch.tensor(arch.get("probs") or [], dtype=torch.float64)
-        if probs.shape != run["probs"].shape or (probs - run["probs"]).abs().max() > 1e-6:
-            return (f"holds {held} of other probabilities than the run's latest alphas (epoch {run['epoch']}); "
-                    f"it was derived before arch files recorded their epoch")
-    if k is not None and k != arch.get("k"):
-        return f"holds {held}, but -k {k} was asked"
-    if distinct and not arch.get("distinct"):
-        return f"holds {held}, but --distinct was asked"
-    return None
+    print(f"derived {arch['model']} from {run['model']} at search epoch {arch['epoch']} "
+          f"({len(arch['directions'])} layers, the {kept_rule(arch)} of each)\n")
+    print(format_table(arch))
+    print("\nas LocalMamba's Python lists:\n" + python_literal(arch))
+    print(f"\nwrote {path}\nfigures: {', '.join(figures)}")
 
 
 def prepare_retrain(args, rest) -> tuple[dict, str]:
@@ -126,8 +78,14 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
         return cfglib.merge(cfglib.load_yaml(saved, "--out"), overrides, "command line", RETRAIN_DEFAULTS), out
     if args.resume:
         raise DeriveError(f"--resume: {out!r} holds no last.pt to resume from")
-    run = read_run(args.run)
     arch_path = os.path.join(args.run, "arch.yaml")
+    search_cfg = baseline_config(args.run)
+    if search_cfg is not None:  # a baseline (search.py --baseline): its arch.yaml as it is, for its search config
+        if args.k is not None or args.distinct:
+            raise DeriveError(f"-k/--distinct: {arch_path} is a baseline's architecture; it keeps the directions it "
+                              f"was chosen with")
+        return retrain_config(load_arch(arch_path), arch_path, search_cfg, overrides, args.inherit), out
+    run = read_run(args.run)
     fresh = not os.path.isfile(arch_path)
     if fresh:
         arch = make_arch(run, args.run, DEFAULT_K if args.k is None else args.k, args.distinct)
@@ -149,25 +107,18 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
 def main(argv=None) -> int:
     """Without --retrain: derive (always anew). With it: retrain RUN/arch.yaml (see ``prepare_retrain``)."""
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body():
         if not args.retrain:
             if rest:
                 raise DeriveError(f"arguments {' '.join(rest)}: overrides only apply with --retrain")
             derive(args.run, DEFAULT_K if args.k is None else args.k, args.distinct)
-            return 0
+            return
         cfg, out = prepare_retrain(args, rest)
         record = run_retrain(cfg, out)
-    except Preempted as exc:  # before UserError, which it is
-        print(f"derive.py: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except (UserError, cfglib.ConfigError, DataError, NonFiniteLoss) as exc:
-        print(f"derive.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
-        print("derive.py: interrupted", file=sys.stderr)
-        return 130
-    print(summary(load_arch(cfg["arch"]), record, args.run, out))
-    return 0
+        print(summary(load_arch(cfg["arch"]), record, args.run, out))
+
+    return run_command("derive.py", body)
 
 
 def summary(arch: dict, record: dict, run_dir: str, out: str) -> str:
