@@ -46,7 +46,7 @@ from bench_common import (current_rss_kb, cpu_throughput, environment, mambapy_s
                           scan_floor_ms)
 import nas.ops.scan_torch as scan_torch  # noqa: E402
 from nas.models import count_parameters, create_model, set_batched, split_parameters  # noqa: E402
-from nas.models.mixed_scan import scan_tables  # noqa: E402
+from nas.ops import scan_tables  # noqa: E402
 from nas.ops import DIRECTIONS, multi_direction_scan  # noqa: E402
 
 # (label, model name, create_model overrides, image size, batch sizes)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from PIL import Image
 
 from nas.models.local_vim import LocalVim
-from nas.models.mixed_scan import scan_tables
+from nas.ops import scan_tables
 from nas.models.registry import register_model
 from nas.ops import DIRECTIONS
 

@@ -20,8 +20,8 @@ import torch.nn as nn
 from nas.errors import UserError
 from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
-from nas.models.mixed_scan import scan_tables
 from nas.models.scattn import SCAttn
+from nas.ops import scan_tables
 
 
 def selective_scan_flops(L: int, D: int, N: int, with_D: bool = True, with_z: bool = False) -> int:
