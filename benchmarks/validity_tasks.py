@@ -4,7 +4,7 @@ The network is a one-layer LocalVim whose readout is a class token inserted at s
 direction (``mid_cls_token``). Within one layer the scan is causal, so the class token sees only the tokens
 that come before it in a direction's order: that direction's *prefix*. Each task puts its label (a colour)
 in a region R of the token grid and grey noise everywhere else. The expected set is the directions whose
-prefix holds R, read off the scan tables the model itself uses (``nas.models.mixed_scan.scan_tables``).
+prefix holds R, read off the scan tables the model itself uses (``nas.ops.scan_tables``).
 
 Two more conditions make the expectation sharp, and ``expected_directions`` checks both:
 - no direction sees only part of R (else "can carry the label" would depend on how it is spread over R);

@@ -25,7 +25,7 @@ from nas import config as cfglib
 from nas.atomic import atomic_write
 from nas.engine import checkpoint
 from nas.errors import UserError
-from nas.models import create_model, derive_directions
+from nas.models import alpha_state_keys, create_model, derive_directions
 from nas.models.registry import model_spec
 from nas.ops import DIRECTIONS
 from nas.search.alphas import coinciding_per_layer, layer_grids
@@ -107,7 +107,6 @@ def read_run(run_dir: str) -> dict:
         loop = state.get("loop") or {}
         epoch = loop.get("epoch")
         if not loop.get("batch"):  # a checkpoint of a run stopped inside an epoch holds no epoch's alphas
-            from nas.models import alpha_state_keys
             alphas = [state["model"][k].double().view(-1) for k in alpha_state_keys(state["model"])]
             if not alphas:
                 raise DeriveError(f"run: {last!r} holds no alpha parameters; is it a search checkpoint?")

@@ -29,13 +29,14 @@ class DistEnv:
 
 
 def setup(device: str = "auto") -> DistEnv:
-    """Pick the device and join the process group when launched by torchrun.
+    """Pick the device and join the process group when launched by torchrun (RANK set), even with one process.
 
     device: "auto", "cpu" or "cuda" (checked with the run's settings, ``nas.engine.settings.check_train``)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ:  # not launched by torchrun: one process, no group
         return DistEnv(device=torch.device("cuda" if use_cuda else "cpu"))
+    # a 1-process torchrun forms its group too: the collectives then run exactly as in a larger job
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)

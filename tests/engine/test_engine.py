@@ -183,3 +183,27 @@ def test_an_unknown_key_in_a_known_section_lists_that_sections_keys():
         cfglib.merge(DEFAULTS, cfglib.parse_overrides(["--train.learning_rate", "1"]), "command line")
     assert str(info.value) == ("command line: unknown key 'train.learning_rate'; the keys of train are clip_grad, "
                                "epochs, lr")
+
+
+@pytest.mark.parametrize("launched, expected", [
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "gloo 1 rank 0"),  # torchrun --nproc_per_node 1
+    ({}, "no group"),  # plain python
+])
+def test_a_one_process_torchrun_forms_its_process_group(launched, expected):
+    """torchrun with one process joins a group (so its collectives run as in a larger job); without torchrun's
+    variables nothing is joined."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(launched, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = ("import torch.distributed as dist\nfrom nas.engine.distributed import setup, teardown\n"
+            "env = setup('cpu')\n"
+            "print(f'{dist.get_backend()} {dist.get_world_size()} rank {env.rank}' if dist.is_initialized() "
+            "else 'no group')\nteardown()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == expected
