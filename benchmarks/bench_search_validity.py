@@ -38,7 +38,7 @@ from nas.models import create_model  # noqa: E402
 from nas.ops import DIRECTIONS  # noqa: E402
 from nas.cli.search import parse_args, resolve_config  # noqa: E402
 from nas.search.run import run_search  # noqa: E402
-from nas.tune.baselines import FIXED, make_arch  # noqa: E402
+from nas.tune.baselines import FIXED, baseline_arch  # noqa: E402
 
 from bench_common import environment  # noqa: E402
 from validity_tasks import TASKS, expected_directions, register_models, write_task  # noqa: E402
@@ -116,7 +116,7 @@ class Retrainer:
             if arch is None:  # an architecture no search derived: written as the baselines are
                 out.mkdir(parents=True, exist_ok=True)
                 cfg = dict(self.search_cfg, strategy={**self.search_cfg["strategy"], "k": len(key[0])})
-                arch, arch_path = make_arch(cfg, [list(key[0])], str(out), "validity"), str(out / "arch.yaml")
+                arch, arch_path = baseline_arch(cfg, [list(key[0])], str(out), "validity"), str(out / "arch.yaml")
                 export.write_arch(arch, arch_path)
             cfg = retrain_config(arch, arch_path, self.search_cfg, {"seed": seed}, inherit=False)
             start = time.perf_counter()

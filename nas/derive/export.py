@@ -2,8 +2,10 @@
 and the Python-literal form, and the figures.
 
 ``arch.yaml`` (contract): ``{model: <derived model name>, source: <run folder>, epoch: <search epoch of the
-alphas>, k: k, distinct: <bool>, directions: [[k names] per layer], probs: [[8 floats] per layer],
-coinciding: [[[names of one scan]...] per layer], model_args: {...}}``, lists in DIRECTIONS order.
+alphas>, k: k, [candidates: [K names],] directions: [[k names] per layer], probs: [[K floats] per layer],
+coinciding: [[[names of one scan]...] per layer], model_args: {...}}``, lists in candidate order. ``candidates``
+is written only for a search space that names its own (``search.candidates``); without it the K = 8 columns
+are LocalMamba's ``DIRECTIONS``.
 ``model_args`` carries the search's architecture overrides (depth, widths, ...) so that
 ``create_model(model, directions="runs/NAME/arch.yaml", **model_args)`` builds the searched network.
 ``coinciding`` lists, per layer, the candidates that are the same scan on that layer's token grid;
@@ -25,10 +27,11 @@ from nas import config as cfglib
 from nas.atomic import atomic_write
 from nas.engine import checkpoint
 from nas.errors import UserError
-from nas.models import alpha_state_keys, create_model, derive_directions
+from nas.models import alpha_state_keys, check_candidates, create_model, derive_directions
 from nas.models.registry import model_spec
 from nas.ops import DIRECTIONS
 from nas.search.alphas import coinciding_per_layer, layer_grids
+from nas.search.run import supernet_args
 from nas.viz import (alpha_heatmap, alpha_history_figure, decimals_to_tell_apart, group_letters, save_figure,
                      scan_orders_figure, stage_ends)
 
@@ -53,8 +56,13 @@ def derived_model_name(search_name: str) -> str:
     return spec.name
 
 
-def _read_history(path: str) -> dict | None:
-    """alphas.json, checked; None when it holds no epoch yet."""
+def candidates_of(arch: dict) -> tuple[str, ...]:
+    """The candidates an arch file's ``probs`` columns name (files of LocalMamba's 8 carry no ``candidates``)."""
+    return tuple(arch.get("candidates") or DIRECTIONS)
+
+
+def _read_history(path: str, candidates: tuple[str, ...]) -> dict | None:
+    """alphas.json, checked against the run's candidates; None when it holds no epoch yet."""
     try:
         with open(path, "rb") as f:
             history = json.loads(f.read())
@@ -62,19 +70,19 @@ def _read_history(path: str) -> dict | None:
         raise DeriveError(f"run: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError:
         raise DeriveError(f"run: {path} is not valid JSON (it is not UTF-8 text)") from None
-    written_by_search = isinstance(history, dict) and history.get("directions") == list(DIRECTIONS) \
+    written_by_search = isinstance(history, dict) and history.get("directions") == list(candidates) \
         and isinstance(history.get("epochs"), list)
     if written_by_search and history["epochs"]:
         try:
             probs = np.asarray([e["probs"] for e in history["epochs"]], dtype=float)
-            written_by_search = probs.ndim == 3 and probs.shape[2] == len(DIRECTIONS) and all(
+            written_by_search = probs.ndim == 3 and probs.shape[2] == len(candidates) and all(
                 isinstance(e["epoch"], int) for e in history["epochs"])
         except (KeyError, TypeError, ValueError):
             written_by_search = False
     if not written_by_search:
         raise DeriveError(f"run: {path} is not an alphas.json written by search.py (expected directions "
-                          f"{list(DIRECTIONS)} and a list of epochs, each with an int epoch and one row of "
-                          f"{len(DIRECTIONS)} probabilities per layer)")
+                          f"{list(candidates)} and a list of epochs, each with an int epoch and one row of "
+                          f"{len(candidates)} probabilities per layer)")
     return history if history["epochs"] else None
 
 
@@ -94,7 +102,11 @@ def read_run(run_dir: str) -> dict:
     cfg = cfglib.load_yaml(cfg_path, "run")
     if not isinstance(cfg.get("model"), str):
         raise DeriveError(f"run: {cfg_path} is not a search config (expected a mapping with a 'model' name)")
-    history = _read_history(history_path) if os.path.isfile(history_path) else None
+    try:
+        candidates = check_candidates((cfg.get("search") or {}).get("candidates"))
+    except UserError as exc:
+        raise DeriveError(f"run: {cfg_path}: {exc}") from None
+    history = _read_history(history_path, candidates) if os.path.isfile(history_path) else None
     model_name, epoch, scores = cfg["model"], None, None
     if os.path.isfile(last):
         try:
@@ -125,27 +137,31 @@ def read_run(run_dir: str) -> dict:
     scores = scores - scores.mean(1, keepdim=True)
     try:
         model = create_model(model_name, **({"img_size": cfg["img_size"]} if "img_size" in cfg else {}),
-                             **(cfg.get("model_args") or {}))
+                             **supernet_args(cfg))
     except UserError as exc:
         raise DeriveError(f"run: {cfg_path}: cannot build the searched model {model_name!r} ({exc})") from None
     grids = layer_grids(model)
     if len(grids) != scores.shape[0]:
         raise DeriveError(f"run: {run_dir!r} holds alphas of {scores.shape[0]} layers, but its model {model_name!r} "
                           f"has {len(grids)} searchable layers")
-    return {"config": cfg, "model": model_name, "epoch": epoch, "scores": scores, "probs": scores.softmax(1),
+    if scores.shape[1] != len(candidates):
+        raise DeriveError(f"run: {run_dir!r} holds alphas over {scores.shape[1]} candidates, but its config "
+                          f"{cfg_path} names {len(candidates)} ({', '.join(candidates)})")
+    return {"config": cfg, "model": model_name, "epoch": epoch, "candidates": candidates, "scores": scores,
+            "probs": scores.softmax(1),
             "history": history, "grids": grids, "coinciding": coinciding_per_layer(model)}
 
 
-def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int) -> torch.Tensor:
+def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int, candidates) -> torch.Tensor:
     """One layer's scores with every coinciding direction but its group's strongest made ineligible."""
-    distinct = len(DIRECTIONS) - sum(len(g) - 1 for g in groups)
+    distinct = len(candidates) - sum(len(g) - 1 for g in groups)
     if k > distinct:
         raise DeriveError(f"--distinct: layer {layer} scans a {grid[0]} x {grid[1]} token grid, on which the "
-                          f"{len(DIRECTIONS)} candidates are {distinct} different scan{'s' if distinct > 1 else ''}; "
+                          f"{len(candidates)} candidates are {distinct} different scan{'s' if distinct > 1 else ''}; "
                           f"-k {k} asks for more")
     scores = scores.clone()
     for group in groups:
-        members = [DIRECTIONS.index(d) for d in group]
+        members = [candidates.index(d) for d in group]
         strongest = max(members, key=lambda j: (scores[j].item(), -j))  # ties go to the lower index, as in top-k
         for j in members:
             if j != strongest:
@@ -155,13 +171,14 @@ def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int) -> tor
 
 def make_arch(run: dict, run_dir: str, k: int, distinct: bool = False) -> dict:
     """The top-k directions per layer; with ``distinct``, the top-k among one direction per distinct scan."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
-        raise DeriveError(f"-k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
+    candidates = run["candidates"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(candidates):
+        raise DeriveError(f"-k: expected an int from 1 to {len(candidates)}, got {k!r}")
     scores = run["scores"]
     if distinct:
-        scores = torch.stack([_one_per_scan(row, groups, k, grid, i) for i, (row, groups, grid)
+        scores = torch.stack([_one_per_scan(row, groups, k, grid, i, candidates) for i, (row, groups, grid)
                               in enumerate(zip(scores, run["coinciding"], run["grids"]))])
-    return build_arch(run["config"], run["model"], k, derive_directions(scores, k=k),
+    return build_arch(run["config"], run["model"], k, derive_directions(scores, k=k, candidates=candidates),
                       [[round(float(p), 9) for p in row] for row in run["probs"]], run_dir, epoch=run["epoch"],
                       distinct=distinct, coinciding=[[list(g) for g in groups] for groups in run["coinciding"]])
 
@@ -178,7 +195,9 @@ def build_arch(search_cfg: dict, search_model: str, k: int, directions: list, pr
     """The one arch.yaml builder (derive.py's searched architectures and search.py --baseline's alike): the
     derived model of ``search_model`` running ``directions`` (k per layer) with the search config's
     architecture; ``fields`` adds the kind's own keys (epoch, distinct, coinciding / baseline, seed)."""
-    return {"model": derived_model_name(search_model), "source": os.path.abspath(source), "k": k,
+    candidates = check_candidates((search_cfg.get("search") or {}).get("candidates"))
+    named = {} if candidates == DIRECTIONS else {"candidates": list(candidates)}  # LocalMamba's 8 go unnamed
+    return {"model": derived_model_name(search_model), "source": os.path.abspath(source), "k": k, **named,
             "directions": directions, "probs": probs, "model_args": arch_model_args(search_cfg, k), **fields}
 
 
@@ -187,14 +206,14 @@ def write_arch(arch: dict, path: str) -> None:
         yaml.safe_dump(arch, f, sort_keys=False, default_flow_style=None)
 
 
-def _boundary(probs, kept, groups, distinct: bool) -> tuple[float, float] | None:
+def _boundary(probs, kept, groups, distinct: bool, candidates) -> tuple[float, float] | None:
     """(weakest kept, strongest dropped) probability of one layer; with ``distinct`` a dropped direction that
     is the same scan as a kept one was never a candidate, so it does not count."""
     twins = {d for g in groups if set(g) & set(kept) for d in g} if distinct else set()
-    dropped = [p for d, p in zip(DIRECTIONS, probs) if d not in kept and d not in twins]
+    dropped = [p for d, p in zip(candidates, probs) if d not in kept and d not in twins]
     if not dropped:
         return None
-    return min(p for d, p in zip(DIRECTIONS, probs) if d in kept), max(dropped)
+    return min(p for d, p in zip(candidates, probs) if d in kept), max(dropped)
 
 
 def kept_rule(arch: dict) -> str:
@@ -208,15 +227,16 @@ def format_table(arch: dict) -> str:
     weakest kept and strongest dropped value to differ; the kept ones starred, coinciding ones lettered."""
     probs, kept = arch["probs"], arch["directions"]
     coinciding = arch.get("coinciding") or [[] for _ in probs]
-    distinct = bool(arch.get("distinct"))
-    pairs = [b for b in map(_boundary, probs, kept, coinciding, [distinct] * len(probs)) if b is not None]
+    distinct, candidates = bool(arch.get("distinct")), candidates_of(arch)
+    pairs = [b for b in (_boundary(*layer, distinct, candidates) for layer in zip(probs, kept, coinciding))
+             if b is not None]
     decimals = decimals_to_tell_apart(pairs)
     width = decimals + 4  # "0." + decimals + the kept star + the group letter
-    header = ("layer " + " ".join(f"{d:>{width - 2}s}  " for d in DIRECTIONS)).rstrip()
+    header = ("layer " + " ".join(f"{d:>{width - 2}s}  " for d in candidates)).rstrip()
     rows = [header, "-" * len(header)]
     for i, (row, names, groups) in enumerate(zip(probs, kept, coinciding)):
         letters = group_letters(groups)
-        cells = [f"{p:.{decimals}f}{'*' if d in names else ' '}{letters.get(d, ' ')}" for d, p in zip(DIRECTIONS, row)]
+        cells = [f"{p:.{decimals}f}{'*' if d in names else ' '}{letters.get(d, ' ')}" for d, p in zip(candidates, row)]
         rows.append(f"{i:5d} " + " ".join(cells).rstrip())
     rows.append(f"(* = kept: the {kept_rule(arch)} of each layer)")
     if any(coinciding):
@@ -243,10 +263,11 @@ def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
                                        f"softmax(alpha): {arch['model']}, kept {kept_rule(arch)} boxed",
                                        stage_ends(arch["model_args"].get("depths")
                                                   or model_spec(arch["model"]).defaults.get("depths")),
-                                       coinciding=arch.get("coinciding")),
-               "scan_orders": scan_orders_figure()}
+                                       coinciding=arch.get("coinciding"), candidates=candidates_of(arch)),
+               "scan_orders": scan_orders_figure(candidates=candidates_of(arch))}
     if history is not None:
-        figures["alpha_history"] = alpha_history_figure(history["epochs"], arch["directions"])
+        figures["alpha_history"] = alpha_history_figure(history["epochs"], arch["directions"],
+                                                        candidates=candidates_of(arch))
     paths = []
     with SummaryWriter(os.path.join(run_dir, "tb")) as writer:
         for name, fig in figures.items():

@@ -15,7 +15,7 @@ import torch
 
 from nas import config as cfglib
 from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_config
-from nas.derive.export import DeriveError
+from nas.derive.export import DeriveError, candidates_of
 from nas.engine import checkpoint
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
 from nas.engine.session import (check_out_folder, data_parallel, find_resume, open_run, resume_changes,
@@ -109,7 +109,8 @@ def build_model(cfg: dict, num_classes: int):
         raise DeriveError(f"--inherit: the supernet in {cfg['source']} was trained on {head.shape[0]} classes but the "
                           f"retraining data has {num_classes}; retrain from scratch (without --inherit) or on data "
                           f"with the search's classes")
-    return derived_from_supernet(state, cfg["model"], read_arch_file(cfg["arch"]), **args)
+    candidates = candidates_of(cfglib.load_yaml(cfg["arch"], "arch"))  # the supernet's alpha order
+    return derived_from_supernet(state, cfg["model"], read_arch_file(cfg["arch"]), candidates, **args)
 
 
 def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:

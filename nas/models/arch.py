@@ -14,7 +14,7 @@ from importlib import resources
 import yaml
 
 from nas.errors import UserError
-from nas.ops import DIRECTIONS
+from nas.ops import DIRECTIONS, registered_scans
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +60,23 @@ def resolve_directions(directions) -> list:
     return directions
 
 
+def check_candidates(candidates) -> tuple[str, ...]:
+    """A search space's candidate scans (``search.candidates``): None is LocalMamba's 8 (``DIRECTIONS``), else a
+    list of distinct registered scan orders, kept in the order given (alpha has one entry per candidate)."""
+    if candidates is None:
+        return tuple(DIRECTIONS)
+    if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)) or len(candidates) < 2:
+        raise UserError(f"search.candidates: expected a list of at least 2 scan orders, got {candidates!r}")
+    for name in candidates:
+        if name not in registered_scans():
+            raise UserError(f"search.candidates: unknown scan order {name!r}; registered: "
+                            f"{', '.join(registered_scans())}")
+    repeated = sorted({n for n in candidates if list(candidates).count(n) > 1})
+    if repeated:
+        raise UserError(f"search.candidates: {', '.join(repeated)} listed more than once")
+    return tuple(candidates)
+
+
 def check_directions(directions, num_layers: int, k: int, model: str = "model") -> list[tuple[str, ...]]:
     """Validate a per-layer direction list; return it as a list of tuples.
 
@@ -77,9 +94,9 @@ def check_directions(directions, num_layers: int, k: int, model: str = "model") 
             raise UserError(f"directions[{i}]: expected a list of {k} scan directions, got {layer!r}")
         layer = tuple(layer)
         for name in layer:
-            if name not in DIRECTIONS:
+            if name not in registered_scans():
                 raise UserError(f"directions[{i}]: unknown scan direction {name!r} in {list(layer)}; "
-                                f"expected names from {', '.join(DIRECTIONS)}")
+                                f"expected registered scan orders ({', '.join(registered_scans())})")
         if len(layer) != k:
             raise UserError(f"directions[{i}]: expected {k} directions per layer, got {len(layer)}: {list(layer)}")
         seen = set()

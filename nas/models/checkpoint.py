@@ -16,7 +16,7 @@ from nas.errors import UserError
 from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
 from nas.models.registry import create_model
-from nas.models.search_space import alpha_state_keys, derive_directions
+from nas.models.search_space import alpha_state_keys, derive_directions, search_candidates
 from nas.models.ss2d import SS2D
 from nas.models.vim_mixer import LocalVimMixer
 from nas.ops import DIRECTIONS
@@ -113,9 +113,9 @@ _VIM_SLOT = re.compile(r"^(A_log|D|conv1d|x_proj|dt_proj)_(\d+)(\..+)?$")
 _SS2D_STACKED = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
 
-def _inherit(supernet_state: dict, key: str, mixer: nn.Module, suffix: str, mixer_name: str):
+def _inherit(supernet_state: dict, key: str, mixer: nn.Module, suffix: str, mixer_name: str, candidates):
     """The supernet tensor for derived key ``key`` (suffix within ``mixer``), or None if not per-direction."""
-    slots = [DIRECTIONS.index(d) for d in mixer.directions]
+    slots = [candidates.index(d) for d in mixer.directions]
     if isinstance(mixer, LocalVimMixer):
         match = _VIM_SLOT.match(suffix)
         if match is None:
@@ -128,11 +128,12 @@ def _inherit(supernet_state: dict, key: str, mixer: nn.Module, suffix: str, mixe
     if full is None:
         return None
     if suffix in ("A_logs", "Ds"):  # direction-major rows (K * Di, ...)
-        return full.view(len(DIRECTIONS), mixer.d_inner, *full.shape[1:])[slots].flatten(0, 1)
+        return full.view(len(candidates), mixer.d_inner, *full.shape[1:])[slots].flatten(0, 1)
     return full[slots]
 
 
-def derived_from_supernet(supernet_or_state, derived=None, directions=None, **overrides) -> nn.Module:
+def derived_from_supernet(supernet_or_state, derived=None, directions=None, candidates=DIRECTIONS,
+                          **overrides) -> nn.Module:
     """A derived model filled with the supernet's weights for the chosen directions (for fine-tuning).
 
     supernet_or_state: a search model, its state_dict, or a checkpoint path.
@@ -141,10 +142,18 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
     directions: per-layer lists; default: ``derive_directions`` of the supernet's alphas.
     overrides: extra create_model options when ``derived`` is a name (img_size, num_classes and scattn
     default to the supernet's when it is a module).
-    Per-direction weights move from canonical slot DIRECTIONS.index(d) to the position of d in the list.
+    candidates: the supernet's candidate scans in alpha order (a supernet module knows its own).
+    Per-direction weights move from the supernet's slot ``candidates.index(d)`` to the position of d in the list.
     """
     supernet = supernet_or_state if isinstance(supernet_or_state, nn.Module) else None
     state = supernet.state_dict() if supernet is not None else read_state_dict(supernet_or_state)
+    if supernet is not None:
+        candidates = search_candidates(supernet)
+    candidates = tuple(candidates)
+    missing = sorted({d for layer in directions or [] for d in layer} - set(candidates))
+    if missing:
+        raise UserError(f"directions: {', '.join(missing)} are not candidates of the supernet "
+                        f"({', '.join(candidates)}); its weights hold none for them")
     if supernet is not None and directions is None:
         directions = derive_directions(supernet)
     if isinstance(derived, nn.Module):
@@ -154,7 +163,7 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
     elif derived is None:
         if supernet is None or not isinstance(supernet, (LocalVim, LocalVMamba)):
             raise UserError("derived: name a derived model when the supernet is given as a state_dict or path")
-        config = {**supernet.config, **overrides, "directions": directions}
+        config = {**supernet.config, **overrides, "directions": directions, "candidates": None}
         model = type(supernet)(**config, model_name=f"{supernet.model_name}_derived")
     else:
         if supernet is not None:
@@ -162,7 +171,7 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
                 overrides.setdefault(key, supernet.config[key])
         if directions is None:
             probe = create_model(derived, **overrides)
-            directions = derive_directions(_alphas_from_state(probe, state))
+            directions = derive_directions(_alphas_from_state(probe, state), candidates=candidates)
         model = create_model(derived, directions=directions, **overrides)
     new_state = {}
     mixers = _mixers(model)
@@ -170,7 +179,7 @@ def derived_from_supernet(supernet_or_state, derived=None, directions=None, **ov
         source = state.get(key)
         for mixer_name, mixer in mixers:
             if key.startswith(mixer_name + "."):
-                inherited = _inherit(state, key, mixer, key[len(mixer_name) + 1:], mixer_name)
+                inherited = _inherit(state, key, mixer, key[len(mixer_name) + 1:], mixer_name, candidates)
                 source = inherited if inherited is not None else source
                 break
         if source is None or source.shape != value.shape:

@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.errors import UserError
-from nas.models.arch import check_directions, published_directions
+from nas.models.arch import check_candidates, check_directions, published_directions
 from nas.models.layers import DropPath, RMSNorm
 from nas.models.registry import register_model
 from nas.models.vim_mixer import LocalVimMixer
+from nas.ops import DIRECTIONS
 
 
 def _pair(size) -> tuple[int, int]:
@@ -108,23 +109,26 @@ class VimBlock(nn.Module):
 class LocalVim(nn.Module):
     CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "expand", "num_classes",
                    "drop_path_rate", "directions", "scans_per_layer", "mid_cls_token", "rope", "pt_seq_len",
-                   "scattn", "backend")
+                   "scattn", "backend", "candidates")
 
     def __init__(self, *, img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=20, d_state=16, expand=2,
                  num_classes=1000, drop_path_rate=0.1, directions=None, scans_per_layer=4, mid_cls_token=False,
-                 rope=True, pt_seq_len=14, scattn="channel", backend="auto", model_name="local_vim"):
+                 rope=True, pt_seq_len=14, scattn="channel", backend="auto", candidates=None, model_name="local_vim"):
         super().__init__()
         if embed_dim % 4:
             raise UserError(f"embed_dim: expected a multiple of 4 (2-D RoPE splits it in rotating pairs), got {embed_dim}")
         if directions is not None:
             directions = check_directions(directions, depth, scans_per_layer, model_name)
+        if directions is not None and candidates is not None:
+            raise UserError("candidates: only a search model has candidates; a derived model runs its directions")
+        candidates = check_candidates(candidates)
         self.model_name = model_name
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, d_state=d_state, expand=expand, num_classes=num_classes,
                            drop_path_rate=drop_path_rate, scans_per_layer=scans_per_layer,
                            directions=None if directions is None else [list(d) for d in directions],
                            mid_cls_token=mid_cls_token, rope=rope, pt_seq_len=pt_seq_len, scattn=scattn,
-                           backend=backend)
+                           backend=backend, candidates=None if candidates == DIRECTIONS else list(candidates))
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.mid_cls_token = mid_cls_token
         img_h, img_w = _pair(img_size)
@@ -140,7 +144,7 @@ class LocalVim(nn.Module):
         self.layers = nn.ModuleList(
             VimBlock(embed_dim, LocalVimMixer(embed_dim, None if directions is None else directions[i], d_state,
                                               expand=expand, scattn=scattn, backend=backend,
-                                              mid_cls_token=mid_cls_token), dpr[i])
+                                              mid_cls_token=mid_cls_token, candidates=candidates), dpr[i])
             for i in range(depth))
         self.drop_path = DropPath(drop_path_rate)
         self.norm_f = RMSNorm(embed_dim)

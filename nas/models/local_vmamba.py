@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.errors import UserError
-from nas.models.arch import check_directions, published_directions
+from nas.models.arch import check_candidates, check_directions, published_directions
 from nas.models.layers import DropPath, Permute
 from nas.models.registry import register_model
 from nas.models.ss2d import SS2D
+from nas.ops import DIRECTIONS
 
 
 class VSSBlock(nn.Module):
@@ -57,23 +58,27 @@ class Classifier(nn.Module):
 
 class LocalVMamba(nn.Module):
     CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "dims", "depths", "d_state", "ssm_ratio", "num_classes",
-                   "drop_path_rate", "directions", "scans_per_layer", "scattn", "backend")
+                   "drop_path_rate", "directions", "scans_per_layer", "scattn", "backend", "candidates")
 
     def __init__(self, *, img_size=224, patch_size=4, in_chans=3, dims=(96, 192, 384, 768), depths=(2, 2, 9, 2),
                  d_state=16, ssm_ratio=2.0, num_classes=1000, drop_path_rate=0.2, directions=None, scans_per_layer=4,
-                 scattn="channel", backend="auto", model_name="local_vmamba"):
+                 scattn="channel", backend="auto", candidates=None, model_name="local_vmamba"):
         super().__init__()
         dims, depths = list(dims), list(depths)
         if len(dims) != len(depths):
             raise UserError(f"dims: expected one width per stage ({len(depths)} stages), got {dims}")
         if directions is not None:
             directions = check_directions(directions, sum(depths), scans_per_layer, model_name)
+        if directions is not None and candidates is not None:
+            raise UserError("candidates: only a search model has candidates; a derived model runs its directions")
+        candidates = check_candidates(candidates)
         self.model_name = model_name
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, dims=dims, depths=depths,
                            d_state=d_state, ssm_ratio=ssm_ratio, num_classes=num_classes,
                            drop_path_rate=drop_path_rate, scans_per_layer=scans_per_layer,
                            directions=None if directions is None else [list(d) for d in directions],
-                           scattn=scattn, backend=backend)
+                           scattn=scattn, backend=backend,
+                           candidates=None if candidates == DIRECTIONS else list(candidates))
         self.num_classes = num_classes
         self.img_size = img_size
         self.patch_embed = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size),
@@ -84,7 +89,8 @@ class LocalVMamba(nn.Module):
             first = sum(depths[:s])
             blocks = nn.Sequential(*(
                 VSSBlock(dim, None if directions is None else directions[first + b], dpr[first + b], d_state=d_state,
-                         ssm_ratio=ssm_ratio, scattn=scattn, backend=backend) for b in range(depth)))
+                         ssm_ratio=ssm_ratio, scattn=scattn, backend=backend, candidates=candidates)
+                for b in range(depth)))
             downsample = PatchMerging2D(dim, dims[s + 1]) if s + 1 < len(dims) else nn.Identity()
             self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
         self.classifier = Classifier(dims[-1], num_classes)

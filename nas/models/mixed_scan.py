@@ -1,7 +1,7 @@
 """The set of scan directions of one layer: which ones, their alpha, and how their outputs merge.
 
-Search form (``directions=None``): all 8 ``DIRECTIONS`` in order, alpha ``weights`` of shape
-(8, 1, 1, 1) initialised to 1e-3 * randn, merge ``sum_k softmax(alpha)_k * LN_k(y_k)``. The LN_k are
+Search form (``directions=None``): the candidates in order (LocalMamba's 8 ``DIRECTIONS`` unless a search
+space names others), alpha ``weights`` of shape (K, 1, 1, 1) initialised to 1e-3 * randn, merge ``sum_k softmax(alpha)_k * LN_k(y_k)``. The LN_k are
 LayerNorms without affine parameters, so they are one and the same function; we apply one ``norm``
 to the stacked outputs. Derived form: the given directions, merged by a plain sum.
 """
@@ -21,10 +21,10 @@ class MultiScan(nn.Module):
     all; the mixers skip the other directions' scans, and the merge renormalizes over the active ones.
     """
 
-    def __init__(self, dim: int, directions=None, attn: nn.Module | None = None):
+    def __init__(self, dim: int, directions=None, attn: nn.Module | None = None, candidates=DIRECTIONS):
         super().__init__()
         self.search = directions is None
-        self.directions = tuple(DIRECTIONS) if directions is None else tuple(directions)
+        self.directions = tuple(candidates) if directions is None else tuple(directions)
         if self.search:
             self.weights = nn.Parameter(1e-3 * torch.randn(len(self.directions), 1, 1, 1))
             self.norm = nn.LayerNorm(dim, elementwise_affine=False)

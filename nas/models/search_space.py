@@ -1,6 +1,7 @@
 """Alpha (the architecture parameters) and the derivation of a final architecture from them.
 
-Every searchable layer owns one ``MultiScan`` whose ``weights`` parameter (8, 1, 1, 1) is its alpha
+Every searchable layer owns one ``MultiScan`` whose ``weights`` parameter (K, 1, 1, 1) is its alpha, one entry
+per candidate scan (``search_candidates``: LocalMamba's 8 ``DIRECTIONS`` unless the search space names others)
 (``alpha_state_keys`` says where they sit in a state_dict). Alphas are ordinary ``nn.Parameter``s, so DDP
 synchronizes them; ``split_parameters`` separates them for their own optimizer group.
 """
@@ -19,8 +20,17 @@ def search_scans(model: nn.Module) -> list[MultiScan]:
     return [m for m in model.modules() if isinstance(m, MultiScan) and m.search]
 
 
+def search_candidates(model: nn.Module) -> tuple[str, ...]:
+    """The candidate scans of a search model (every searchable layer has the same list), in alpha order."""
+    scans = search_scans(model)
+    if not scans:
+        name = getattr(model, "model_name", type(model).__name__)
+        raise UserError(f"model: {name} has no alpha parameters (it is not a search model)")
+    return scans[0].directions
+
+
 def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The alpha of every searchable layer, in layer order (8 values each); [] for derived models."""
+    """The alpha of every searchable layer, in layer order (one value per candidate); [] for derived models."""
     return [m.weights for m in search_scans(model)]
 
 
@@ -46,7 +56,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 def set_active_paths(model: nn.Module, paths) -> nn.Module:
     """Make every searchable layer run only some of its directions on the next forwards (sampled search).
 
-    paths: one collection of distinct DIRECTIONS indices per searchable layer (layer order, as
+    paths: one collection of distinct candidate indices per searchable layer (layer order, as
     ``arch_parameters``), or None to run all directions again. Inactive directions' scans are not
     computed (their weights get no gradient); the merge renormalizes softmax(alpha) over the active ones.
     """
@@ -59,10 +69,11 @@ def set_active_paths(model: nn.Module, paths) -> nn.Module:
     if len(paths) != len(scans):
         raise ValueError(f"paths: expected one index list per searchable layer ({len(scans)}), got {len(paths)}")
     checked = []
-    for i, p in enumerate(paths):
+    for i, (p, m) in enumerate(zip(paths, scans)):
         idx = [int(v) for v in (p.reshape(-1).tolist() if isinstance(p, torch.Tensor) else p)]
-        if not idx or len(set(idx)) != len(idx) or not all(0 <= v < len(DIRECTIONS) for v in idx):
-            raise ValueError(f"paths[{i}]: expected distinct direction indices in 0..{len(DIRECTIONS) - 1}, got {idx}")
+        K = len(m.directions)
+        if not idx or len(set(idx)) != len(idx) or not all(0 <= v < K for v in idx):
+            raise ValueError(f"paths[{i}]: expected distinct direction indices in 0..{K - 1}, got {idx}")
         checked.append(tuple(sorted(idx)))
     for m, idx in zip(scans, checked):
         m.active = idx
@@ -77,36 +88,36 @@ def set_batched(model: nn.Module, batched: bool = True) -> nn.Module:
     return model
 
 
-def _alpha_rows(model_or_alphas) -> list[torch.Tensor]:
+def _alpha_rows(model_or_alphas, K: int) -> list[torch.Tensor]:
     if isinstance(model_or_alphas, nn.Module):
         alphas = arch_parameters(model_or_alphas)
-        if not alphas:
-            name = getattr(model_or_alphas, "model_name", type(model_or_alphas).__name__)
-            raise UserError(f"model: {name} has no alpha parameters (it is not a search model)")
     elif isinstance(model_or_alphas, torch.Tensor):
-        alphas = list(model_or_alphas.reshape(-1, len(DIRECTIONS))) if model_or_alphas.dim() > 0 else [model_or_alphas]
+        alphas = list(model_or_alphas.reshape(-1, K)) if model_or_alphas.dim() > 0 else [model_or_alphas]
     else:
         alphas = list(model_or_alphas)
     rows = []
     for i, a in enumerate(alphas):
         a = torch.as_tensor(a).detach().float().reshape(-1)
-        if a.numel() != len(DIRECTIONS):
-            raise ValueError(f"alphas[{i}]: expected {len(DIRECTIONS)} values (one per direction), got {a.numel()}")
+        if a.numel() != K:
+            raise ValueError(f"alphas[{i}]: expected {K} values (one per candidate), got {a.numel()}")
         rows.append(a.cpu())
     return rows
 
 
-def derive_directions(model_or_alphas, k: int = 4) -> list[list[str]]:
-    """Per layer, the k directions with the largest softmax(alpha), written in DIRECTIONS order.
+def derive_directions(model_or_alphas, k: int = 4, candidates=DIRECTIONS) -> list[list[str]]:
+    """Per layer, the k candidates with the largest softmax(alpha), written in candidate order.
 
-    model_or_alphas: a search model, a list of alpha tensors (8 values each) or a (layers, 8) tensor.
-    Ties are broken deterministically in favour of the lower DIRECTIONS index.
+    model_or_alphas: a search model (its own candidates), or a list of alpha tensors (one value per candidate)
+    or a (layers, K) tensor whose columns are ``candidates``.
+    Ties are broken deterministically in favour of the lower candidate index.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(DIRECTIONS):
-        raise UserError(f"k: expected an int from 1 to {len(DIRECTIONS)}, got {k!r}")
+    if isinstance(model_or_alphas, nn.Module):
+        candidates = search_candidates(model_or_alphas)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(candidates):
+        raise UserError(f"k: expected an int from 1 to {len(candidates)}, got {k!r}")
     derived = []
-    for alpha in _alpha_rows(model_or_alphas):
+    for alpha in _alpha_rows(model_or_alphas, len(candidates)):
         # softmax is monotonic: ranking alpha itself avoids ties that rounding of the softmax would create
         order = torch.sort(alpha, descending=True, stable=True).indices[:k]
-        derived.append([DIRECTIONS[i] for i in sorted(order.tolist())])
+        derived.append([candidates[i] for i in sorted(order.tolist())])
     return derived

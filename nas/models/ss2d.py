@@ -22,17 +22,17 @@ from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
 from nas.models.vim_mixer import a_log_init, dt_bias_init
-from nas.ops import BACKENDS, apply_scan, multi_direction_scan, scan_tables, selective_scan, undo_scan
+from nas.ops import BACKENDS, DIRECTIONS, apply_scan, multi_direction_scan, scan_tables, selective_scan, undo_scan
 
 
 class SS2D(nn.Module):
     """x (batch, H, W, d_model) channels-last -> (batch, H, W, d_model).
 
-    directions: this block's directions (derived form) or None (search form: all 8, alpha-weighted).
+    directions: this block's directions (derived form) or None (search form: every candidate, alpha-weighted).
     """
 
     def __init__(self, d_model: int, directions=None, d_state: int = 16, ssm_ratio: float = 2.0, d_conv: int = 3,
-                 scattn: str = "channel", backend: str = "auto"):
+                 scattn: str = "channel", backend: str = "auto", candidates=DIRECTIONS):
         super().__init__()
         self.d_model, self.d_state = d_model, d_state
         self.d_inner = Di = int(ssm_ratio * d_model)
@@ -41,7 +41,7 @@ class SS2D(nn.Module):
             raise UserError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.backend = backend
         self.batched = True
-        multi_scan = MultiScan(Di, directions, attn=SCAttn(Di, scattn))
+        multi_scan = MultiScan(Di, directions, attn=SCAttn(Di, scattn), candidates=candidates)
         K = len(multi_scan.directions)
         self.out_norm = nn.LayerNorm(Di)
         self.in_proj = nn.Linear(d_model, 2 * Di, bias=False)

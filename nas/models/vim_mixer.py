@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
-from nas.ops import (BACKENDS, apply_scan, gather_scans, multi_direction_scan, scan_tables, selective_scan,
+from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_scans, multi_direction_scan, scan_tables, selective_scan,
                      take_steps, undo_scan)
 
 
@@ -40,13 +40,13 @@ def a_log_init(d_inner: int, d_state: int) -> torch.Tensor:
 class LocalVimMixer(nn.Module):
     """hidden (batch, L_src, d_model) on an H x W token grid -> (batch, L_src, d_model).
 
-    directions: the layer's directions (derived form) or None (search form: all 8, alpha-weighted).
+    directions: the layer's directions (derived form) or None (search form: every candidate, alpha-weighted).
     mid_cls_token: the source holds a class token at index (L_src - 1) // 2, which every scan also
     visits at that position (the middle-class-token variant).
     """
 
     def __init__(self, d_model: int, directions=None, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 scattn: str = "channel", backend: str = "auto", mid_cls_token: bool = False):
+                 scattn: str = "channel", backend: str = "auto", mid_cls_token: bool = False, candidates=DIRECTIONS):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
@@ -57,7 +57,7 @@ class LocalVimMixer(nn.Module):
         self.mid_cls_token = mid_cls_token
         self.batched = True
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
-        self.multi_scan = MultiScan(self.d_inner, directions)
+        self.multi_scan = MultiScan(self.d_inner, directions, candidates=candidates)
         dt_std = self.dt_rank ** -0.5
         for k in range(len(self.multi_scan.directions)):
             A_log = nn.Parameter(a_log_init(self.d_inner, d_state))

@@ -47,8 +47,9 @@ def inverse_scan_order(direction: str, H: int, W: int, device=None) -> torch.Lon
 
 
 @functools.lru_cache(maxsize=None)
-def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False) -> tuple[tuple[str, ...], ...]:
-    """Groups of candidate directions that scan an H x W grid as the same sequence, pads included.
+def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False,
+                          candidates=DIRECTIONS) -> tuple[tuple[str, ...], ...]:
+    """Groups of candidate directions (default LocalMamba's 8) that scan an H x W grid as the same sequence.
 
     Pad steps between real tokens always count: they decay the scan's state. Trailing pad steps never
     count: the scan (and LocalVim's conv1d) is causal, so no real token's output depends on them; this
@@ -58,11 +59,11 @@ def coinciding_directions(H: int, W: int, ignore_leading_pads: bool = False) -> 
     Orders that visit the real tokens alike with pads between them (``w7`` and ``h`` on a 4 x 4 grid)
     differ.
 
-    Returns groups of two or more names (each in DIRECTIONS order, groups ordered by their first
-    member); () when all 8 differ. On 7 x 7: (("h", "w7"), ("h_flip", "w7_flip")).
+    Returns groups of two or more names (each in candidate order, groups ordered by their first
+    member); () when all differ. On 7 x 7: (("h", "w7"), ("h_flip", "w7_flip")).
     """
     groups: dict[tuple[int, ...], list[str]] = {}
-    for name in DIRECTIONS:
+    for name in candidates:
         order = scan_order(name, H, W).tolist()
         start = next(i for i, r in enumerate(order) if r >= 0) if ignore_leading_pads else 0
         end = max(i for i, r in enumerate(order) if r >= 0) + 1

@@ -10,7 +10,7 @@ import torch
 
 from nas.atomic import atomic_write
 from nas.errors import UserError
-from nas.models import LocalVim, LocalVMamba, derive_directions, search_scans
+from nas.models import LocalVim, LocalVMamba, derive_directions, search_candidates, search_scans
 from nas.ops import DIRECTIONS
 from nas.ops.directions import coinciding_directions
 from nas.viz import alpha_heatmap, save_figure
@@ -40,8 +40,8 @@ def layer_grids(model) -> list[tuple[int, int]]:
 def coinciding_per_layer(model) -> list[tuple[tuple[str, ...], ...]]:
     """Per layer, the groups of candidate directions that scan its grid as the same sequence (see
     ``nas.ops.directions.coinciding_directions``; SS2D's pads reach the scan as zeros)."""
-    zero_pads = isinstance(model, LocalVMamba)
-    return [coinciding_directions(H, W, ignore_leading_pads=zero_pads) for H, W in layer_grids(model)]
+    zero_pads, candidates = isinstance(model, LocalVMamba), search_candidates(model)
+    return [coinciding_directions(H, W, zero_pads, candidates) for H, W in layer_grids(model)]
 
 
 def coincidence_note(model) -> str | None:
@@ -64,15 +64,15 @@ def coincidence_note(model) -> str | None:
             "`derive.py RUN --distinct` keeps k distinct orders per layer.")
 
 
-def write_tensorboard_layout(writer, num_layers: int) -> None:
-    """TensorBoard's Custom Scalars tab: one chart per layer holding its 8 direction probabilities."""
-    charts = {f"layer {i:02d}": ["Multiline", [f"^{re.escape(alpha_tag(i, d))}$" for d in DIRECTIONS]]
+def write_tensorboard_layout(writer, num_layers: int, candidates=DIRECTIONS) -> None:
+    """TensorBoard's Custom Scalars tab: one chart per layer holding its candidates' probabilities."""
+    charts = {f"layer {i:02d}": ["Multiline", [f"^{re.escape(alpha_tag(i, d))}$" for d in candidates]]
               for i in range(num_layers)}
     writer.add_custom_scalars({"direction probabilities (softmax(alpha))": charts})
 
 
 def layer_probs(model) -> list[list[float]]:
-    """softmax(alpha) of every searched layer (its ``MultiScan.path_weights``), (layers, 8), as plain floats."""
+    """softmax(alpha) of every searched layer (its ``MultiScan.path_weights``), (layers, K), as plain floats."""
     return [m.path_weights().detach().float().tolist() for m in search_scans(model)]
 
 
@@ -85,16 +85,18 @@ def entropy_and_gap(probs: list[float], k: int = 4) -> tuple[float, float]:
 
 
 class AlphaHistory:
-    """The per-epoch record of every layer's probabilities; rank 0 writes it to ``alphas.json``."""
+    """The per-epoch record of every layer's probabilities over ``candidates``; rank 0 writes it to ``alphas.json``
+    (``{"directions": [candidate names], "epochs": [{"epoch": int, "probs": [[K floats] per layer]}, ...]}``)."""
 
-    def __init__(self, epochs=None):
+    def __init__(self, epochs=None, candidates=DIRECTIONS):
+        self.candidates = list(candidates)
         self.epochs = list(epochs or [])
 
     def record(self, epoch: int, probs: list[list[float]]) -> None:
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [{"epoch": epoch, "probs": probs}]
 
     def to_json(self) -> dict:
-        return {"directions": list(DIRECTIONS), "epochs": self.epochs}
+        return {"directions": self.candidates, "epochs": self.epochs}
 
     def write(self, path: str) -> None:
         with atomic_write(path) as f:
@@ -105,9 +107,9 @@ def report(logger, model, probs, epoch: int, run_dir: str, k: int = 4, stage_end
     """TensorBoard scalars per layer and direction (charted per layer by ``write_tensorboard_layout``), the
     heatmap with coinciding scans marked (TensorBoard and figures/alphas.png); returns the epoch's summary
     numbers for the log line."""
-    scalars, entropies, gaps = {}, [], []
+    scalars, entropies, gaps, candidates = {}, [], [], search_candidates(model)
     for i, p in enumerate(probs):
-        for name, value in zip(DIRECTIONS, p):
+        for name, value in zip(candidates, p):
             scalars[alpha_tag(i, name)] = value
         entropy, gap = entropy_and_gap(p, k)
         scalars[f"alpha_entropy/layer{i:02d}"] = entropy
@@ -118,7 +120,7 @@ def report(logger, model, probs, epoch: int, run_dir: str, k: int = 4, stage_end
     if logger.enabled:
         kept = derive_directions(model, k=k)
         fig = alpha_heatmap(probs, kept, f"softmax(alpha), epoch {epoch}", stage_ends,
-                            coinciding=coinciding_per_layer(model))
+                            coinciding=coinciding_per_layer(model), candidates=candidates)
         logger.figure("alpha/heatmap", fig, epoch)
         os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
         save_figure(fig, os.path.join(run_dir, "figures", "alphas.png"))

@@ -17,7 +17,8 @@ from nas.engine.session import check_out_folder, data_parallel, find_resume, ope
     run_in_process_group
 from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
 from nas.errors import UserError
-from nas.models import arch_parameters, create_model, derive_directions, is_search_model
+from nas.models import (arch_parameters, check_candidates, create_model, derive_directions, is_search_model,
+                        search_candidates)
 from nas.search.alphas import coincidence_note, write_tensorboard_layout
 from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 from nas.viz import stage_ends
@@ -30,6 +31,7 @@ SEARCH_DEFAULTS = {
     "name": "search",
     "model": "local_vim_demo_search",
     "model_args": {},            # create_model overrides: drop_path_rate, scattn, backend, ...
+    "search": {"candidates": None},  # the scan orders each layer chooses from (nas.ops registry); null: LocalMamba's 8
     "img_size": 224,
     "seed": 0,
     "data": dict(DATA_DEFAULTS),
@@ -41,7 +43,8 @@ SEARCH_DEFAULTS = {
 }
 SEARCH_CHECKS = {
     "name": cfglib.TEXT, "model": cfglib.TEXT, "model_args": cfglib.MAPPING, "img_size": cfglib.integer(1),
-    "seed": cfglib.integer(0), "retrain": cfglib.MAPPING, "tune": cfglib.MAPPING, **LOG_CHECKS,
+    "seed": cfglib.integer(0), "retrain": cfglib.MAPPING, "tune": cfglib.MAPPING, "search": cfglib.MAPPING,
+    **LOG_CHECKS,
 }
 RESUME_SAFE = ("name", "retrain", "tune")  # besides nas.engine.session.SAFE_ON_RESUME: read by later commands
 
@@ -54,9 +57,22 @@ def check_config(cfg: dict) -> None:
     if cfg["data"]["path"] is None:
         raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
     resolve_data_config(cfg["data"])
+    if "candidates" in cfg["model_args"]:
+        raise UserError("model_args.candidates: name a search space's candidates under search.candidates")
+    candidates = check_candidates(cfg["search"]["candidates"])
+    if cfg["strategy"]["k"] > len(candidates):
+        raise UserError(f"strategy.k: expected an int from 1 to {len(candidates)} (the number of candidates), "
+                        f"got {cfg['strategy']['k']}")
     if not is_search_model(cfg["model"]):
         raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
                         f"(a name ending in _search)")
+
+
+def supernet_args(cfg: dict) -> dict:
+    """The create_model options of a search config's supernet: its model_args and the search space's
+    candidates (a config saved before search.candidates existed searches LocalMamba's 8)."""
+    candidates = (cfg.get("search") or {}).get("candidates")
+    return {**(cfg.get("model_args") or {}), **({"candidates": candidates} if candidates is not None else {})}
 
 
 def settle(cfg: dict) -> dict:
@@ -84,7 +100,7 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     needs_heldout = strategy_class(cfg["strategy"]["name"]).needs_heldout
     # mistakes in the data or the model settings surface here, before anything is written
     data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
-    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **cfg["model_args"])
+    model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **supernet_args(cfg))
     if needs_heldout and data.heldout is None:
         raise UserError(f"strategy.name: {cfg['strategy']['name']} needs a held-out split; set data.heldout_fraction")
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
@@ -104,7 +120,8 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
         if note:
             run.logger.info(note)
         if run.logger.tensorboard:
-            run.logger.write_tensorboard(lambda w: write_tensorboard_layout(w, len(arch_parameters(model))))
+            run.logger.write_tensorboard(lambda w: write_tensorboard_layout(w, len(arch_parameters(model)),
+                                                                                search_candidates(model)))
         record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, run.logger, out,
                      run.resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]}, stop=run.stop)
         directions = derive_directions(model, cfg["strategy"]["k"])

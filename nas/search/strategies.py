@@ -27,8 +27,7 @@ from nas.engine.distributed import all_reduce_sum
 from nas.engine.loop import Task, autocast, topk_correct
 from nas.engine.optim import adamw, weight_groups
 from nas.errors import UserError
-from nas.models import arch_parameters, set_active_paths
-from nas.ops import DIRECTIONS
+from nas.models import arch_parameters, search_candidates, set_active_paths
 from nas.search import alphas as alpha_report
 
 STRATEGY_DEFAULTS = {
@@ -53,7 +52,7 @@ def list_strategies() -> tuple[str, ...]:
 
 
 STRATEGY_CHECKS = {
-    "k": cfglib.integer(1, len(DIRECTIONS)),
+    "k": cfglib.integer(1),  # at most the number of candidates: nas.search.run.check_config
     "alpha_lr": cfglib.number(0, low_open=True).or_none("the strategy's default"),
     "alpha_weight_decay": cfglib.number(0).or_none("the strategy's default"),
     "alpha_betas": cfglib.number_pair(0, 1, high_open=True),
@@ -96,7 +95,7 @@ class Strategy(Task):
         self.logger, self.run_dir, self.stage_ends = logger, run_dir, stage_ends
         self.label_smoothing, self.amp = train["label_smoothing"], train["amp"]
         self.alphas = arch_parameters(model)
-        self.history = alpha_report.AlphaHistory()
+        self.history = alpha_report.AlphaHistory(candidates=search_candidates(model))
 
     # -- optimizers -------------------------------------------------------------------------------
     def alpha_lr(self) -> float:
@@ -150,7 +149,7 @@ class Strategy(Task):
         return {"alpha_history": self.history.epochs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = alpha_report.AlphaHistory(state["alpha_history"])
+        self.history = alpha_report.AlphaHistory(state["alpha_history"], self.history.candidates)
 
 
 @register_strategy

@@ -23,6 +23,7 @@ import copy
 import itertools
 import os
 import random
+from typing import NamedTuple
 
 import optuna
 
@@ -30,9 +31,9 @@ from nas import config as cfglib
 from nas.derive.arch_file import BASELINE_CONFIG
 from nas.derive.export import arch_model_args, build_arch, derived_model_name, write_arch
 from nas.derive.retrain import retrain_config, run_retrain
-from nas.models import arch_parameters, check_directions, create_model, published_directions
+from nas.models import arch_parameters, check_directions, create_model, published_directions, search_candidates
 from nas.models.arch import published_names
-from nas.ops import DIRECTIONS
+from nas.search.run import supernet_args
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
 from nas.tune.space import TuneError, resolve_tune
@@ -44,37 +45,51 @@ BASELINES = ("fixed", "random", "published", "tpe")
 FIXED = ("h", "h_flip", "v", "v_flip")
 
 
-def canonical(layer) -> list[str]:
-    return [d for d in DIRECTIONS if d in layer]
+class SearchLayout(NamedTuple):
+    """What a search config fixes for every architecture that stands in for its search."""
+
+    derived: str              # the derived model
+    model_args: dict          # its architecture arguments
+    layers: int               # searched layers
+    k: int                    # directions per layer
+    candidates: tuple         # the scans each layer chooses from, in alpha order
 
 
-def search_layout(cfg: dict) -> tuple[str, dict, int, int]:
-    """(derived model, its architecture arguments, number of searched layers, k) of a search config."""
+def canonical(layer, candidates) -> list[str]:
+    """A layer's directions in candidate order (as derive.py writes them)."""
+    return [d for d in candidates if d in layer]
+
+
+def search_layout(cfg: dict) -> SearchLayout:
     k = cfg["strategy"]["k"]
-    supernet = create_model(cfg["model"], img_size=cfg["img_size"], **cfg["model_args"])
-    return derived_model_name(cfg["model"]), arch_model_args(cfg, k), len(arch_parameters(supernet)), k
+    supernet = create_model(cfg["model"], img_size=cfg["img_size"], **supernet_args(cfg))
+    return SearchLayout(derived_model_name(cfg["model"]), arch_model_args(cfg, k), len(arch_parameters(supernet)), k,
+                        search_candidates(supernet))
 
 
 def baseline_arch(cfg: dict, directions: list, source: str, baseline: str, layout=None) -> dict:
     """An arch.yaml dict for given per-layer lists (probs 1/k on the kept ones), checked against the derived model."""
-    derived, model_args, _, k = layout or search_layout(cfg)
-    directions = [canonical(layer) for layer in directions]
+    derived, model_args, _, k, candidates = layout or search_layout(cfg)
+    directions = [canonical(layer, candidates) for layer in directions]
     probe = create_model(derived, directions=directions, img_size=cfg["img_size"], **model_args)
     check_directions(directions, len(probe.directions), k, derived)
-    probs = [[round(1.0 / k, 6) if d in layer else 0.0 for d in DIRECTIONS] for layer in directions]
+    probs = [[round(1.0 / k, 6) if d in layer else 0.0 for d in candidates] for layer in directions]
     return build_arch(cfg, cfg["model"], k, directions, probs, source, baseline=baseline)
 
 
-def baseline_directions(kind: str, cfg: dict, seed: int, layout) -> list[list[str]]:
-    derived, _, layers, k = layout
+def baseline_directions(kind: str, cfg: dict, seed: int, layout: SearchLayout) -> list[list[str]]:
+    derived, _, layers, k, candidates = layout
     if kind == "fixed":
         if k != len(FIXED):
             raise TuneError(f"--baseline fixed: the fixed set is {', '.join(FIXED)} (4 directions) "
                             f"but strategy.k is {k}")
+        if not set(FIXED) <= set(candidates):
+            raise TuneError(f"--baseline fixed: the fixed set {', '.join(FIXED)} is not among the search space's "
+                            f"candidates ({', '.join(candidates)})")
         return [list(FIXED) for _ in range(layers)]
     if kind == "random":
         rng = random.Random(seed)
-        return [canonical(rng.sample(DIRECTIONS, k)) for _ in range(layers)]
+        return [canonical(rng.sample(candidates, k), candidates) for _ in range(layers)]
     if derived not in published_names():
         raise TuneError(f"--baseline published: LocalMamba published no directions for {derived} "
                         f"(it did for {', '.join(published_names())})")
@@ -82,7 +97,11 @@ def baseline_directions(kind: str, cfg: dict, seed: int, layout) -> list[list[st
     if len(lists) != layers or any(len(layer) != k for layer in lists):
         raise TuneError(f"--baseline published: the published {derived} lists have {len(lists)} layers of "
                         f"{len(lists[0])}; this search space has {layers} layers of {k}")
-    return [canonical(layer) for layer in lists]
+    outside = sorted({d for layer in lists for d in layer} - set(candidates))
+    if outside:
+        raise TuneError(f"--baseline published: the published lists use {', '.join(outside)}, which are not among "
+                        f"the search space's candidates ({', '.join(candidates)})")
+    return [canonical(layer, candidates) for layer in lists]
 
 
 def write_baseline(kind: str, cfg: dict, out: str) -> tuple[dict, str]:
@@ -130,8 +149,8 @@ class DirectionObjective:
         self.cfg, self.tune, self.root, self.seed = cfg, tune, root, seed
         self.search_cfg = dict(cfg, data=data_cfg) if data_cfg is not None else cfg
         self.layout = search_layout(cfg)
-        _, _, self.layers, self.k = self.layout
-        self.choices = [",".join(c) for c in itertools.combinations(DIRECTIONS, self.k)]
+        self.layers, self.k = self.layout.layers, self.layout.k
+        self.choices = [",".join(c) for c in itertools.combinations(self.layout.candidates, self.k)]
 
     def __call__(self, trial: optuna.Trial) -> float:
         run_dir = start_trial(trial, self.root, self.tune, self.seed)

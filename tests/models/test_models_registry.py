@@ -61,7 +61,7 @@ GOOD = [["h", "h_flip", "v", "v_flip"]] * 4
 @pytest.mark.parametrize("directions,match", [
     (GOOD[:3], r"directions: expected 4 per-layer lists \(one per layer of local_vim_demo\), got 3"),
     (GOOD + [GOOD[0]], r"expected 4 per-layer lists .* got 5"),
-    (GOOD[:3] + [["h", "v", "diag", "w2"]], r"directions\[3\]: unknown scan direction 'diag'"),
+    (GOOD[:3] + [["h", "v", "zigzag", "w2"]], r"directions\[3\]: unknown scan direction 'zigzag'"),  # diag is registered
     ([["h", "h", "v", "w2"]] + GOOD[1:], r"directions\[0\]: direction 'h' appears more than once"),
     ([["h", "v", "w2"]] + GOOD[1:], r"directions\[0\]: expected 4 directions per layer, got 3"),
     (GOOD[:2] + [DIRECTIONS[:5]] + GOOD[3:], r"directions\[2\]: expected 4 directions per layer, got 5"),

@@ -117,7 +117,7 @@ def test_help_lists_the_search_spaces_and_show_config_prints_every_key(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "Search spaces (-c NAME): demo, localvim_t, localvmamba_s, localvmamba_t" in text
+    assert "Search spaces (-c NAME): demo, demo_extended, localvim_t, localvmamba_s, localvmamba_t" in text
     assert "--show-config prints every key" in text
     assert main(["-c", "localvim_t", "--show-config"]) == 0
     shown = capsys.readouterr().out
