@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from nas import config as cfglib
 from nas.cli.command import run_command
 from nas.derive.arch_file import baseline_config, check_arch, load_arch, stale_reason
-from nas.derive.export import DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run, \
-    write_arch
+from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
+                               searched_k, write_arch)
 from nas.derive.retrain import RETRAIN_DEFAULTS, check_retrain_config, retrain_config, run_retrain
 
-DEFAULT_K = 4
+
+
+def k_argument(text: str):
+    """-k: an int, one int per layer separated by commas (2,3,4,4), or auto."""
+    if text == "auto":
+        return text
+    if not re.fullmatch(r"\d+(,\d+)*", text):
+        raise argparse.ArgumentTypeError(f"expected an int, a comma-separated int per layer or auto, got {text!r}")
+    values = [int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def k_text(k) -> str:
+    """A k as -k takes it."""
+    return ",".join(map(str, k)) if isinstance(k, list) else str(k)
 
 
 def parse_args(argv):
@@ -28,8 +43,10 @@ def parse_args(argv):
                                        "--model_args.drop_path_rate 0.2, train.ema_decay=0.9998.")
     p.add_argument("run", help="a search run folder (runs/NAME), or with --retrain a baseline's folder "
                                "(runs/NAME/baselines/KIND, written by search.py --baseline KIND)")
-    p.add_argument("-k", type=int, default=None,
-                   help=f"directions kept per layer (1..8; default {DEFAULT_K}, with --retrain what arch.yaml holds)")
+    p.add_argument("-k", type=k_argument, default=None,
+                   help="directions kept per layer: an int (1 to the number of candidates), one per layer (2,3,4,4), or "
+                        "auto (per layer the fewest holding strategy.auto_mass of its probability); default: the "
+                        "search's strategy.k (4 in every shipped space), with --retrain what arch.yaml holds")
     p.add_argument("--distinct", action="store_true",
                    help="keep k different scans per layer: of directions that are the same scan on a layer's token "
                         "grid (w7 and h on 7 x 7 tokens) only the strongest counts (default: LocalMamba's top-k)")
@@ -42,13 +59,13 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
-def derive(run_dir: str, k: int = DEFAULT_K, distinct: bool = False) -> None:
+def derive(run_dir: str, k=None, distinct: bool = False) -> None:
     """Write RUN/arch.yaml and the figures; print the table and the lists."""
     if baseline_config(run_dir) is not None:
         raise DeriveError(f"run: {run_dir!r} is a baseline's folder: its arch.yaml was chosen without alphas, so there "
                           f"is nothing to derive; retrain it with python derive.py {run_dir} --retrain")
     run = read_run(run_dir)
-    publish(make_arch(run, run_dir, k, distinct), run, run_dir)
+    publish(make_arch(run, run_dir, searched_k(run) if k is None else k, distinct), run, run_dir)
 
 
 def publish(arch: dict, run: dict, run_dir: str) -> None:
@@ -88,13 +105,14 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
     run = read_run(args.run)
     fresh = not os.path.isfile(arch_path)
     if fresh:
-        arch = make_arch(run, args.run, DEFAULT_K if args.k is None else args.k, args.distinct)
+        arch = make_arch(run, args.run, searched_k(run) if args.k is None else args.k, args.distinct)
         check_arch(arch, arch["directions"], arch_path)
     else:
         arch = load_arch(arch_path)
         reason = stale_reason(arch, run, args.k, args.distinct)
         if reason:
-            again = f"python derive.py {args.run} -k {arch.get('k', DEFAULT_K) if args.k is None else args.k}" + \
+            k = arch.get("k", searched_k(run)) if args.k is None else args.k
+            again = f"python derive.py {args.run} -k {k_text(k)}" + \
                     (" --distinct" if args.distinct or (arch.get("distinct") and args.k is None) else "")
             raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then retrain")
     cfg = retrain_config(arch, arch_path, run["config"], overrides, args.inherit)
@@ -112,7 +130,7 @@ def main(argv=None) -> int:
         if not args.retrain:
             if rest:
                 raise DeriveError(f"arguments {' '.join(rest)}: overrides only apply with --retrain")
-            derive(args.run, DEFAULT_K if args.k is None else args.k, args.distinct)
+            derive(args.run, args.k, args.distinct)
             return
         cfg, out = prepare_retrain(args, rest)
         record = run_retrain(cfg, out)

@@ -29,9 +29,11 @@ from nas.engine import checkpoint
 from nas.errors import UserError
 from nas.models import alpha_state_keys, check_candidates, create_model, derive_directions
 from nas.models.registry import model_spec
+from nas.models.search_space import AUTO, describe_k, kept_counts
 from nas.ops import DIRECTIONS
 from nas.search.alphas import coinciding_per_layer, layer_grids
 from nas.search.run import supernet_args
+from nas.search.strategies import STRATEGY_DEFAULTS
 from nas.viz import (alpha_heatmap, alpha_history_figure, decimals_to_tell_apart, group_letters, save_figure,
                      scan_orders_figure, stage_ends)
 
@@ -169,22 +171,36 @@ def _one_per_scan(scores: torch.Tensor, groups, k: int, grid, layer: int, candid
     return scores
 
 
-def make_arch(run: dict, run_dir: str, k: int, distinct: bool = False) -> dict:
-    """The top-k directions per layer; with ``distinct``, the top-k among one direction per distinct scan."""
-    candidates = run["candidates"]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(candidates):
-        raise DeriveError(f"-k: expected an int from 1 to {len(candidates)}, got {k!r}")
-    scores = run["scores"]
+def searched_k(run: dict):
+    """The k the run's search used (strategy.k): derive.py's default."""
+    return (run["config"].get("strategy") or {}).get("k", STRATEGY_DEFAULTS["k"])
+
+
+def make_arch(run: dict, run_dir: str, k, distinct: bool = False) -> dict:
+    """The top-k directions per layer; with ``distinct``, the top-k among one direction per distinct scan.
+    k: an int, one int per layer, or "auto" (the fewest directions holding the search's strategy.auto_mass)."""
+    candidates, scores = run["candidates"], run["scores"]
+    auto_mass = (run["config"].get("strategy") or {}).get("auto_mass", STRATEGY_DEFAULTS["auto_mass"])
+    try:
+        counts = kept_counts(k, run["probs"], len(candidates), auto_mass)
+    except UserError as exc:
+        raise DeriveError(f"-{exc}") from None  # "-k: expected ..."
     if distinct:
-        scores = torch.stack([_one_per_scan(row, groups, k, grid, i, candidates) for i, (row, groups, grid)
-                              in enumerate(zip(scores, run["coinciding"], run["grids"]))])
-    return build_arch(run["config"], run["model"], k, derive_directions(scores, k=k, candidates=candidates),
+        scores = torch.stack([_one_per_scan(row, groups, 1 if k == AUTO else n, grid, i, candidates)
+                              for i, (row, groups, grid, n)
+                              in enumerate(zip(scores, run["coinciding"], run["grids"], counts))])
+        if k == AUTO:  # the mass of the scans that stay candidates
+            counts = kept_counts(k, scores.softmax(1), len(candidates), auto_mass)
+    auto = {"auto_mass": auto_mass} if k == AUTO else {}
+    return build_arch(run["config"], run["model"], k, derive_directions(scores, k=counts, candidates=candidates),
                       [[round(float(p), 9) for p in row] for row in run["probs"]], run_dir, epoch=run["epoch"],
-                      distinct=distinct, coinciding=[[list(g) for g in groups] for groups in run["coinciding"]])
+                      distinct=distinct, **auto,
+                      coinciding=[[list(g) for g in groups] for groups in run["coinciding"]])
 
 
-def arch_model_args(search_cfg: dict, k: int) -> dict:
-    """The derived model's create_model options: the search's architecture overrides and k scans per layer."""
+def arch_model_args(search_cfg: dict, k) -> dict:
+    """The derived model's create_model options: the search's architecture overrides and the scans per layer
+    (one count, or one per layer)."""
     model_args = {key: v for key, v in (search_cfg.get("model_args") or {}).items() if key in ARCH_KEYS}
     model_args["scans_per_layer"] = k
     return model_args
@@ -194,11 +210,14 @@ def build_arch(search_cfg: dict, search_model: str, k: int, directions: list, pr
                **fields) -> dict:
     """The one arch.yaml builder (derive.py's searched architectures and search.py --baseline's alike): the
     derived model of ``search_model`` running ``directions`` (k per layer) with the search config's
-    architecture; ``fields`` adds the kind's own keys (epoch, distinct, coinciding / baseline, seed)."""
+    architecture; ``fields`` adds the kind's own keys (epoch, distinct, coinciding / baseline, seed).
+    k: the rule as asked (an int, one int per layer, or "auto"); the model's scans_per_layer counts the lists."""
     candidates = check_candidates((search_cfg.get("search") or {}).get("candidates"))
     named = {} if candidates == DIRECTIONS else {"candidates": list(candidates)}  # LocalMamba's 8 go unnamed
     return {"model": derived_model_name(search_model), "source": os.path.abspath(source), "k": k, **named,
-            "directions": directions, "probs": probs, "model_args": arch_model_args(search_cfg, k), **fields}
+            "directions": directions, "probs": probs,
+            "model_args": arch_model_args(search_cfg, k if isinstance(k, int) else [len(d) for d in directions]),
+            **fields}
 
 
 def write_arch(arch: dict, path: str) -> None:
@@ -219,7 +238,7 @@ def _boundary(probs, kept, groups, distinct: bool, candidates) -> tuple[float, f
 def kept_rule(arch: dict) -> str:
     """How the kept directions were chosen, e.g. "top-4" (an arch file written by hand may lack k)."""
     k = arch.get("k", len(arch["directions"][0]) if arch.get("directions") else "?")
-    return f"{k} strongest distinct scans" if arch.get("distinct") else f"top-{k}"
+    return describe_k(k, arch.get("auto_mass", STRATEGY_DEFAULTS["auto_mass"]), bool(arch.get("distinct")))
 
 
 def format_table(arch: dict) -> str:

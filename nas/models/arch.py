@@ -88,6 +88,8 @@ def check_directions(directions, num_layers: int, k: int, model: str = "model") 
     if len(directions) != num_layers:
         raise UserError(f"directions: expected {num_layers} per-layer lists (one per layer of {model}), "
                         f"got {len(directions)}")
+    if isinstance(k, (list, tuple)) and len(k) != num_layers:
+        raise UserError(f"scans_per_layer: expected one count per layer of {model} ({num_layers}), got {list(k)}")
     checked = []
     for i, layer in enumerate(directions):
         if isinstance(layer, str) or not isinstance(layer, (list, tuple)):
@@ -97,13 +99,14 @@ def check_directions(directions, num_layers: int, k: int, model: str = "model") 
             if name not in registered_scans():
                 raise UserError(f"directions[{i}]: unknown scan direction {name!r} in {list(layer)}; "
                                 f"expected registered scan orders ({', '.join(registered_scans())})")
-        if len(layer) != k:
-            raise UserError(f"directions[{i}]: expected {k} directions per layer, got {len(layer)}: {list(layer)}")
+        want = k[i] if isinstance(k, (list, tuple)) else k  # scans_per_layer: one count, or one per layer
+        if len(layer) != want:
+            raise UserError(f"directions[{i}]: expected {want} directions per layer, got {len(layer)}: {list(layer)}")
         seen = set()
         for name in layer:
             if name in seen:
                 raise UserError(f"directions[{i}]: direction {name!r} appears more than once in {list(layer)}; "
-                                f"each layer needs {k} different directions")
+                                f"each layer needs {want} different directions")
             seen.add(name)
         checked.append(layer)
     return checked

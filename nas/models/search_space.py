@@ -104,20 +104,67 @@ def _alpha_rows(model_or_alphas, K: int) -> list[torch.Tensor]:
     return rows
 
 
-def derive_directions(model_or_alphas, k: int = 4, candidates=DIRECTIONS) -> list[list[str]]:
+AUTO = "auto"  # k per layer from the alphas: the fewest directions whose probabilities sum to auto_mass
+
+
+def _is_count(v, K: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= K
+
+
+def kept_counts(k, probs, K: int, auto_mass: float = 0.5) -> list[int]:
+    """How many directions each layer keeps. probs: (layers, K) probabilities (one row per layer).
+
+    k: an int (every layer), a list of ints (one per layer), or ``"auto"``: per layer the fewest of its most
+    probable directions whose probabilities sum to at least ``auto_mass`` (FairDARTS-style: a layer whose
+    alpha is decided keeps one, an undecided one keeps several; at uniform 1/8 and 0.5 that is LocalMamba's 4).
+    """
+    layers = len(probs)
+    if k == AUTO:
+        if isinstance(auto_mass, bool) or not isinstance(auto_mass, (int, float)) or not 0 < auto_mass <= 1:
+            raise UserError(f"auto_mass: expected a number in (0, 1], got {auto_mass!r}")
+        counts = []
+        for row in probs:
+            top = torch.as_tensor(row, dtype=torch.float64).sort(descending=True).values.cumsum(0)
+            # a tolerance for the rounding of the cumulative sum (uniform 1/8 x 4 must reach 0.5)
+            counts.append(min(K, int((top < auto_mass - 1e-12).sum()) + 1))
+        return counts
+    if isinstance(k, (list, tuple)):
+        if len(k) != layers or not all(_is_count(v, K) for v in k):
+            raise UserError(f"k: expected one int from 1 to {K} per layer ({layers} layers), got {list(k)!r}")
+        return list(k)
+    if not _is_count(k, K):
+        raise UserError(f"k: expected an int from 1 to {K}, got {k!r}")
+    return [k] * layers
+
+
+def describe_k(k, auto_mass: float = 0.5, distinct: bool = False) -> str:
+    """What a k keeps, in words: "top-4", "top-k (k = 2, 3, 4 in layer order)", "fewest directions holding 50%
+    of the probability"; read after "the" and before "of each layer"."""
+    if k == AUTO:
+        return f"fewest {'distinct scans' if distinct else 'directions'} holding {auto_mass:.0%} of the probability"
+    if isinstance(k, (list, tuple)):
+        counts = f"(k = {', '.join(map(str, k))} in layer order)"
+        return f"k strongest distinct scans {counts}" if distinct else f"top-k {counts}"
+    return f"{k} strongest distinct scans" if distinct else f"top-{k}"
+
+
+def derive_directions(model_or_alphas, k=4, candidates=DIRECTIONS, auto_mass: float = 0.5) -> list[list[str]]:
     """Per layer, the k candidates with the largest softmax(alpha), written in candidate order.
 
     model_or_alphas: a search model (its own candidates), or a list of alpha tensors (one value per candidate)
     or a (layers, K) tensor whose columns are ``candidates``.
+    k: an int, one int per layer, or "auto" (``kept_counts``).
     Ties are broken deterministically in favour of the lower candidate index.
     """
     if isinstance(model_or_alphas, nn.Module):
         candidates = search_candidates(model_or_alphas)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(candidates):
+    if isinstance(k, int) and not _is_count(k, len(candidates)):  # before the alphas: the message names k alone
         raise UserError(f"k: expected an int from 1 to {len(candidates)}, got {k!r}")
+    rows = _alpha_rows(model_or_alphas, len(candidates))
+    counts = kept_counts(k, [r.double().softmax(0) for r in rows], len(candidates), auto_mass)
     derived = []
-    for alpha in _alpha_rows(model_or_alphas, len(candidates)):
+    for alpha, count in zip(rows, counts):
         # softmax is monotonic: ranking alpha itself avoids ties that rounding of the softmax would create
-        order = torch.sort(alpha, descending=True, stable=True).indices[:k]
+        order = torch.sort(alpha, descending=True, stable=True).indices[:count]
         derived.append([candidates[i] for i in sorted(order.tolist())])
     return derived

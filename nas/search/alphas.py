@@ -11,6 +11,7 @@ import torch
 from nas.atomic import atomic_write
 from nas.errors import UserError
 from nas.models import LocalVim, LocalVMamba, derive_directions, search_candidates, search_scans
+from nas.models.search_space import kept_counts
 from nas.ops import DIRECTIONS
 from nas.ops.directions import coinciding_directions
 from nas.viz import alpha_heatmap, save_figure
@@ -103,12 +104,13 @@ class AlphaHistory:
             json.dump(self.to_json(), f)
 
 
-def report(logger, model, probs, epoch: int, run_dir: str, k: int = 4, stage_ends=None) -> dict:
+def report(logger, model, probs, epoch: int, run_dir: str, k=4, stage_ends=None, auto_mass: float = 0.5) -> dict:
     """TensorBoard scalars per layer and direction (charted per layer by ``write_tensorboard_layout``), the
     heatmap with coinciding scans marked (TensorBoard and figures/alphas.png); returns the epoch's summary
     numbers for the log line."""
     scalars, entropies, gaps, candidates = {}, [], [], search_candidates(model)
-    for i, p in enumerate(probs):
+    counts = kept_counts(k, probs, len(candidates), auto_mass)  # strategy.k as an int, per layer, or auto
+    for i, (p, k) in enumerate(zip(probs, counts)):
         for name, value in zip(candidates, p):
             scalars[alpha_tag(i, name)] = value
         entropy, gap = entropy_and_gap(p, k)
@@ -118,7 +120,7 @@ def report(logger, model, probs, epoch: int, run_dir: str, k: int = 4, stage_end
         gaps.append(gap)
     logger.scalars(scalars, epoch)
     if logger.enabled:
-        kept = derive_directions(model, k=k)
+        kept = derive_directions(model, k=counts)
         fig = alpha_heatmap(probs, kept, f"softmax(alpha), epoch {epoch}", stage_ends,
                             coinciding=coinciding_per_layer(model), candidates=candidates)
         logger.figure("alpha/heatmap", fig, epoch)

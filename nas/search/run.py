@@ -19,6 +19,7 @@ from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
 from nas.errors import UserError
 from nas.models import (arch_parameters, check_candidates, create_model, derive_directions, is_search_model,
                         search_candidates)
+from nas.models.search_space import AUTO, describe_k
 from nas.search.alphas import coincidence_note, write_tensorboard_layout
 from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 from nas.viz import stage_ends
@@ -60,9 +61,10 @@ def check_config(cfg: dict) -> None:
     if "candidates" in cfg["model_args"]:
         raise UserError("model_args.candidates: name a search space's candidates under search.candidates")
     candidates = check_candidates(cfg["search"]["candidates"])
-    if cfg["strategy"]["k"] > len(candidates):
+    k = cfg["strategy"]["k"]
+    if any(v > len(candidates) for v in (k if isinstance(k, list) else [] if k == AUTO else [k])):
         raise UserError(f"strategy.k: expected an int from 1 to {len(candidates)} (the number of candidates), "
-                        f"got {cfg['strategy']['k']}")
+                        f"got {k}")
     if not is_search_model(cfg["model"]):
         raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
                         f"(a name ending in _search)")
@@ -101,6 +103,9 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     # mistakes in the data or the model settings surface here, before anything is written
     data = build_datasets(cfg["data"], cfg["img_size"], cfg["seed"])
     model = create_model(cfg["model"], img_size=cfg["img_size"], num_classes=data.num_classes, **supernet_args(cfg))
+    k, layers = cfg["strategy"]["k"], len(arch_parameters(model))
+    if isinstance(k, list) and len(k) != layers:
+        raise UserError(f"strategy.k: expected one int per searched layer ({layers} layers), got {k}")
     if needs_heldout and data.heldout is None:
         raise UserError(f"strategy.name: {cfg['strategy']['name']} needs a held-out split; set data.heldout_fraction")
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
@@ -124,8 +129,8 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
                                                                                 search_candidates(model)))
         record = fit(strategy, model, train_model, optimizer, train_loader, val_loader, train, env, run.logger, out,
                      run.resume, on_epoch=on_epoch, extra={"config": cfg, "model_name": cfg["model"]}, stop=run.stop)
-        directions = derive_directions(model, cfg["strategy"]["k"])
-        run.logger.info(f"kept directions per layer (top-{cfg['strategy']['k']}):")
+        directions = derive_directions(model, k, auto_mass=cfg["strategy"]["auto_mass"])
+        run.logger.info(f"kept directions per layer ({describe_k(k, cfg['strategy']['auto_mass'])}):")
         for i, names in enumerate(directions):
             run.logger.info(f"  layer {i:2d}: {', '.join(names)}")
     return {"record": record, "directions": directions,

@@ -28,11 +28,14 @@ from nas.engine.loop import Task, autocast, topk_correct
 from nas.engine.optim import adamw, weight_groups
 from nas.errors import UserError
 from nas.models import arch_parameters, search_candidates, set_active_paths
+from nas.models.search_space import AUTO
 from nas.search import alphas as alpha_report
 
 STRATEGY_DEFAULTS = {
     "name": "joint",
-    "k": 4,                      # directions kept per layer (derivation; sampled: active per step)
+    "k": 4,                      # directions kept per layer (derivation; sampled: active per step): an int, one
+                                 # int per layer, or auto (per layer the fewest directions holding auto_mass)
+    "auto_mass": 0.5,            # k: auto's share of a layer's probability (0.5 of a uniform 8 is 4 directions)
     "alpha_lr": None,            # joint/sampled: the weights' lr; bilevel: 3e-4
     "alpha_weight_decay": None,  # joint/sampled: 0; bilevel: 1e-3
     "alpha_betas": [0.5, 0.999],  # bilevel's Adam
@@ -52,7 +55,11 @@ def list_strategies() -> tuple[str, ...]:
 
 
 STRATEGY_CHECKS = {
-    "k": cfglib.integer(1),  # at most the number of candidates: nas.search.run.check_config
+    # at most the number of candidates, one int per layer: nas.search.run checks both
+    "k": cfglib.Check("an int >= 1, a list of them (one per layer) or auto",
+                      lambda v: v == AUTO or cfglib.integer(1).ok(v)
+                      or (isinstance(v, list) and bool(v) and all(cfglib.integer(1).ok(x) for x in v))),
+    "auto_mass": cfglib.number(0, 1, low_open=True),
     "alpha_lr": cfglib.number(0, low_open=True).or_none("the strategy's default"),
     "alpha_weight_decay": cfglib.number(0).or_none("the strategy's default"),
     "alpha_betas": cfglib.number_pair(0, 1, high_open=True),
@@ -66,6 +73,9 @@ def check_strategy(cfg: dict) -> None:
         raise UserError(f"strategy.name: unknown strategy {cfg['name']!r}; expected one of "
                         f"{', '.join(list_strategies())}")
     cfglib.validate(cfg, STRATEGY_CHECKS, "strategy.")
+    if cfg["k"] == AUTO and _REGISTRY[cfg["name"]].samples_k_paths:
+        raise UserError(f"strategy.k: {cfg['name']} runs k paths per layer in every step and needs them counted; "
+                        f"auto is for strategies that train every path (joint, bilevel)")
 
 
 def strategy_class(name: str) -> type["Strategy"]:
@@ -88,6 +98,7 @@ class Strategy(Task):
 
     name = ""
     needs_heldout = False          # the data must provide a held-out split (``set_heldout``)
+    samples_k_paths = False        # each step runs strategy.k paths per layer (so k must be counted, not auto)
     find_unused_parameters = False  # DDP: some parameters get no gradient in a step
 
     def __init__(self, cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None):
@@ -142,7 +153,7 @@ class Strategy(Task):
         if self.logger.enabled:
             self.history.write(f"{self.run_dir}/alphas.json")
         return alpha_report.report(self.logger, self.model, probs, epoch + 1, self.run_dir, self.cfg["k"],
-                                   self.stage_ends)
+                                   self.stage_ends, self.cfg["auto_mass"])
 
     # -- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -284,10 +295,12 @@ class Sampled(Strategy):
 
     name = "sampled"
     find_unused_parameters = True  # the skipped directions' parameters get no gradient
+    samples_k_paths = True
 
     def before_step(self, step: int, epoch: int) -> None:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
-        set_active_paths(self.model, [gumbel_top_k(a, self.cfg["k"], gen) for a in self.alphas])
+        ks = self.cfg["k"] if isinstance(self.cfg["k"], list) else [self.cfg["k"]] * len(self.alphas)
+        set_active_paths(self.model, [gumbel_top_k(a, k, gen) for a, k in zip(self.alphas, ks)])
 
     def eval_model(self, model):
         set_active_paths(self.model, None)

@@ -33,6 +33,7 @@ from nas.derive.export import arch_model_args, build_arch, derived_model_name, w
 from nas.derive.retrain import retrain_config, run_retrain
 from nas.models import arch_parameters, check_directions, create_model, published_directions, search_candidates
 from nas.models.arch import published_names
+from nas.models.search_space import AUTO
 from nas.search.run import supernet_args
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
@@ -51,8 +52,12 @@ class SearchLayout(NamedTuple):
     derived: str              # the derived model
     model_args: dict          # its architecture arguments
     layers: int               # searched layers
-    k: int                    # directions per layer
+    k: int | list             # directions per layer: one count, or one per layer
     candidates: tuple         # the scans each layer chooses from, in alpha order
+
+    @property
+    def counts(self) -> list[int]:
+        return list(self.k) if isinstance(self.k, list) else [self.k] * self.layers
 
 
 def canonical(layer, candidates) -> list[str]:
@@ -62,6 +67,9 @@ def canonical(layer, candidates) -> list[str]:
 
 def search_layout(cfg: dict) -> SearchLayout:
     k = cfg["strategy"]["k"]
+    if k == AUTO:
+        raise TuneError("strategy.k: auto takes its counts from a search's alphas; a baseline, chosen without them, "
+                        "needs k as an int or one int per layer")
     supernet = create_model(cfg["model"], img_size=cfg["img_size"], **supernet_args(cfg))
     return SearchLayout(derived_model_name(cfg["model"]), arch_model_args(cfg, k), len(arch_parameters(supernet)), k,
                         search_candidates(supernet))
@@ -69,11 +77,13 @@ def search_layout(cfg: dict) -> SearchLayout:
 
 def baseline_arch(cfg: dict, directions: list, source: str, baseline: str, layout=None) -> dict:
     """An arch.yaml dict for given per-layer lists (probs 1/k on the kept ones), checked against the derived model."""
-    derived, model_args, _, k, candidates = layout or search_layout(cfg)
+    layout = layout or search_layout(cfg)
+    derived, model_args, _, k, candidates = layout
     directions = [canonical(layer, candidates) for layer in directions]
     probe = create_model(derived, directions=directions, img_size=cfg["img_size"], **model_args)
     check_directions(directions, len(probe.directions), k, derived)
-    probs = [[round(1.0 / k, 6) if d in layer else 0.0 for d in candidates] for layer in directions]
+    probs = [[round(1.0 / n, 6) if d in layer else 0.0 for d in candidates]
+             for layer, n in zip(directions, layout.counts)]
     return build_arch(cfg, cfg["model"], k, directions, probs, source, baseline=baseline)
 
 
@@ -89,12 +99,12 @@ def baseline_directions(kind: str, cfg: dict, seed: int, layout: SearchLayout) -
         return [list(FIXED) for _ in range(layers)]
     if kind == "random":
         rng = random.Random(seed)
-        return [canonical(rng.sample(candidates, k), candidates) for _ in range(layers)]
+        return [canonical(rng.sample(candidates, n), candidates) for n in layout.counts]
     if derived not in published_names():
         raise TuneError(f"--baseline published: LocalMamba published no directions for {derived} "
                         f"(it did for {', '.join(published_names())})")
     lists = published_directions(derived)
-    if len(lists) != layers or any(len(layer) != k for layer in lists):
+    if len(lists) != layers or [len(layer) for layer in lists] != layout.counts:
         raise TuneError(f"--baseline published: the published {derived} lists have {len(lists)} layers of "
                         f"{len(lists[0])}; this search space has {layers} layers of {k}")
     outside = sorted({d for layer in lists for d in layer} - set(candidates))
@@ -149,12 +159,14 @@ class DirectionObjective:
         self.cfg, self.tune, self.root, self.seed = cfg, tune, root, seed
         self.search_cfg = dict(cfg, data=data_cfg) if data_cfg is not None else cfg
         self.layout = search_layout(cfg)
-        self.layers, self.k = self.layout.layers, self.layout.k
-        self.choices = [",".join(c) for c in itertools.combinations(self.layout.candidates, self.k)]
+        self.layers = self.layout.layers
+        self.choices = [[",".join(c) for c in itertools.combinations(self.layout.candidates, n)]
+                        for n in self.layout.counts]  # per layer: its k of the candidates
 
     def __call__(self, trial: optuna.Trial) -> float:
         run_dir = start_trial(trial, self.root, self.tune, self.seed)
-        directions = [trial.suggest_categorical(f"layer{i:02d}", self.choices).split(",") for i in range(self.layers)]
+        directions = [trial.suggest_categorical(f"layer{i:02d}", choices).split(",")
+                      for i, choices in enumerate(self.choices)]
         arch = baseline_arch(self.cfg, directions, run_dir, "tpe", self.layout)
         os.makedirs(run_dir, exist_ok=True)
         arch_path = os.path.join(run_dir, "arch.yaml")
@@ -178,7 +190,7 @@ def run_tpe(cfg: dict, out: str, storage: str | None = None, study_name: str | N
     store, where = open_storage(storage, root, tune["heartbeat"])
     seed = tune["sampler"]["seed"] if tune["sampler"]["seed"] is not None else cfg["seed"]
     objective = DirectionObjective(cfg, tune, root, data_cfg, seed)
-    fingerprint = {"kind": "tpe", **setup_fingerprint(cfg), "layers": objective.layers, "k": objective.k,
+    fingerprint = {"kind": "tpe", **setup_fingerprint(cfg), "layers": objective.layers, "k": objective.layout.k,
                    "tpe_epochs": tune["baseline"]["tpe_epochs"], "recipe": tune["compare"]["retrain"],
                    "selection_fraction": tune["selection_fraction"]}
     name = study_name or f"{study_name_of(out)}_tpe"

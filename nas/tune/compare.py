@@ -42,6 +42,7 @@ from nas.derive import export
 from nas.derive.arch_file import load_arch
 from nas.derive.retrain import retrain_config, run_retrain
 from nas.models import count_parameters, create_model, flops
+from nas.models.search_space import describe_k
 from nas.search.run import run_search
 from nas.tune.baselines import retrain_overrides, run_tpe, tpe_budget, write_baseline
 from nas.tune.space import TuneError, resolve_tune
@@ -92,7 +93,7 @@ def supernet_candidates(cfg: dict, tune: dict, root: str) -> list[Candidate]:
         run_search(search_cfg, search_dir)
         arch_path = derive_to(search_dir, cfg["strategy"]["k"], os.path.join(root, strategy, "arch.yaml"))
         seconds, epochs = logged_cost([search_dir])
-        out.append(Candidate(strategy, f"supernet search ({strategy}), top-{cfg['strategy']['k']}", arch_path,
+        out.append(Candidate(strategy, f"supernet search ({strategy}), {describe_k(cfg['strategy']['k'], cfg['strategy']['auto_mass'])}", arch_path,
                              seconds, f"{epochs} supernet"))
     return out
 

@@ -82,8 +82,9 @@ def open_study(name: str, storage, sampler, pruner, fingerprint: dict) -> optuna
 def setup_fingerprint(cfg: dict) -> dict:
     """What workers of one study must agree on. Data paths may differ between machines; subsets may not."""
     data = {k: v for k, v in cfg["data"].items() if k not in ("path", "val_path", "heldout_path")}
+    candidates = (cfg.get("search") or {}).get("candidates")
     return {"model": cfg["model"], "model_args": cfg["model_args"], "img_size": cfg["img_size"], "data": data,
-            "seed": cfg["seed"]}
+            "seed": cfg["seed"], **({"candidates": candidates} if candidates is not None else {})}
 
 
 def optimize_until(study: optuna.Study, objective, n_trials: int, max_retry: int | None) -> None:
