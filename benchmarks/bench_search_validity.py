@@ -1,10 +1,15 @@
 """Does the search find the right directions? Tasks with a known answer (benchmarks/validity_tasks.py).
 
-Per task: the expected set E (the directions whose prefix before the class token holds the label region)
-and its premise (E and its complement retrained alike: E should reach high accuracy, the complement chance);
-every strategy searched over several seeds (is E the |E| most probable directions? the probability mass on
-E); the equal-budget comparison: each strategy's derived top-4, a random 4-of-8 set (one draw per seed) and the
-fixed set h, h_flip, v, v_flip, each retrained with one recipe over the same seeds, mean +- std of val top-1.
+Per task: the expected set E (the task's candidate scans whose prefix before the class token holds the label
+region) and its premise (E and its complement retrained alike: E should reach high accuracy, the complement
+chance); every strategy searched over the task's candidates with several seeds (is E the |E| most probable
+candidates? the probability mass on E); the equal-budget comparison: each strategy's derived top-4, a random
+4-of-8 set of the candidates (one draw per seed) and the fixed set h, h_flip, v, v_flip, each retrained with one
+recipe over the same seeds, mean +- std of val top-1.
+
+The default tasks search LocalMamba's 8 (the record bench_search_validity_cpu.json); the planted task
+(``--tasks token_2_2_of_5x5``, recorded in bench_search_validity_planted_cpu.json) searches 8 scans of which
+only new orders carry its label.
 
 Everything goes through the tool's own paths: the images are PNG files read by ``--data <folder>``, the
 searches run ``nas.search.run.run_search`` on configs resolved as search.py resolves them (``nas.cli.search``),
@@ -35,13 +40,12 @@ from nas.derive import export  # noqa: E402
 from nas.derive.retrain import retrain_config, run_retrain  # noqa: E402
 from nas.engine.run_log import LOG_FILE, epoch_records  # noqa: E402
 from nas.models import create_model  # noqa: E402
-from nas.ops import DIRECTIONS  # noqa: E402
 from nas.cli.search import parse_args, resolve_config  # noqa: E402
 from nas.search.run import run_search  # noqa: E402
 from nas.tune.baselines import FIXED, baseline_arch  # noqa: E402
 
 from bench_common import environment  # noqa: E402
-from validity_tasks import TASKS, expected_directions, register_models, write_task  # noqa: E402
+from validity_tasks import PLANTED, TASKS, expected_directions, register_models, write_task  # noqa: E402
 
 STRATEGIES = ("joint", "bilevel", "sampled")
 # no crop, no flip: the label sits at fixed tokens
@@ -59,16 +63,16 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def margin(probs, expected) -> float:
-    """min over E of p minus max over the other directions of p."""
-    p = dict(zip(DIRECTIONS, probs))
-    return min(p[d] for d in expected) - max(p[d] for d in DIRECTIONS if d not in expected)
+def margin(probs, expected, scans) -> float:
+    """min over E of p minus max over the other scans of p."""
+    p = dict(zip(scans, probs))
+    return min(p[d] for d in expected) - max(p[d] for d in scans if d not in expected)
 
 
 def search_space(task, model: str, search_epochs: int, retrain_epochs: int, folder: Path) -> Path:
     """The task's search space YAML; its retrain section is the one recipe every candidate is retrained with."""
     space = {"name": task.name, "model": model, "img_size": task.img_size, "data": DATA,
-             "train": {**TRAIN, "epochs": search_epochs}, "log": LOG,
+             "search": {"candidates": list(task.candidates)}, "train": {**TRAIN, "epochs": search_epochs}, "log": LOG,
              "retrain": {"train": {**TRAIN, "epochs": retrain_epochs, "mixup": 0.0, "cutmix": 0.0}, "log": LOG}}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "space.yaml"
@@ -77,7 +81,7 @@ def search_space(task, model: str, search_epochs: int, retrain_epochs: int, fold
     return path
 
 
-def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expected: list[str]) -> dict:
+def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expected: list[str], scans) -> dict:
     overrides = [f"--strategy.{key}={value}" for key, value in STRATEGY_SETTINGS[strategy].items()]
     args, rest = parse_args(["-c", str(space), "--data", str(data), "--out", str(out), f"--strategy.name={strategy}",
                              f"seed={seed}", *overrides])
@@ -89,14 +93,15 @@ def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expecte
     arch_path = Path(out_dir) / "arch.yaml"
     export.write_arch(arch, str(arch_path))
     probs = torch.softmax(result["alphas"][0].view(-1).double(), 0).tolist()
-    ranked = sorted(range(len(DIRECTIONS)), key=lambda i: -probs[i])
+    ranked = sorted(range(len(scans)), key=lambda i: -probs[i])
     records = epoch_records(str(Path(out_dir) / LOG_FILE))
     return {"strategy": strategy, "seed": seed, "top4": arch["directions"][0], "probs": probs,
-            "mass_on_expected": sum(p for d, p in zip(DIRECTIONS, probs) if d in expected),
-            "recovered": {DIRECTIONS[i] for i in ranked[:len(expected)]} == set(expected),
+            "mass_on_expected": sum(p for d, p in zip(scans, probs) if d in expected),
+            "recovered": {scans[i] for i in ranked[:len(expected)]} == set(expected),
             # how the order formed: the weakest expected direction's probability minus the strongest other's,
             # beside the training loss, per epoch (recovery needs the margin above 0 at the end)
-            "margin_by_epoch": [margin(e["probs"][0], expected) for e in export.read_run(out_dir)["history"]["epochs"]],
+            "margin_by_epoch": [margin(e["probs"][0], expected, scans)
+                                for e in export.read_run(out_dir)["history"]["epochs"]],
             "train_loss_by_epoch": [records[e]["train_loss"] for e in sorted(records)],
             "supernet_val_top1": result["record"]["val_top1"], "seconds": seconds, "cfg": cfg,
             "arch": arch, "arch_path": str(arch_path)}
@@ -105,12 +110,12 @@ def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expecte
 class Retrainer:
     """Retrains a direction set once per (set, seed); candidates that share a set share its runs."""
 
-    def __init__(self, folder: Path, search_cfg: dict):
-        self.folder, self.search_cfg = folder, search_cfg
+    def __init__(self, folder: Path, search_cfg: dict, scans):
+        self.folder, self.search_cfg, self.scans = folder, search_cfg, scans
         self.done: dict[tuple[tuple[str, ...], int], dict] = {}
 
     def __call__(self, directions, seed: int, arch: dict | None = None, arch_path: str | None = None) -> dict:
-        key = (tuple(d for d in DIRECTIONS if d in directions), seed)
+        key = (tuple(d for d in self.scans if d in directions), seed)
         if key not in self.done:
             out = self.folder / f"{'-'.join(key[0])}_seed{seed}"
             if arch is None:  # an architecture no search derived: written as the baselines are
@@ -130,22 +135,24 @@ def run_task(task, model: str, reach: int, work: Path, args) -> dict:
     folder = work / task.name
     data = Path(write_task(task, str(folder / "data"), args.train_per_class, args.val_per_class, seed=1234))
     space = search_space(task, model, args.search_epochs, args.retrain_epochs, folder)
-    expected = expected_directions(task.cells, task.grid, reach)
-    complement = [d for d in DIRECTIONS if d not in expected]
-    print(f"{task.name}: R = {list(task.cells)}, expected {', '.join(expected)}", flush=True)
+    scans = task.candidates  # the search space's; "candidates" below are the retrained sets
+    expected = expected_directions(task.cells, task.grid, reach, scans)
+    complement = [d for d in scans if d not in expected]
+    print(f"{task.name}: R = {list(task.cells)}, candidates {', '.join(scans)}, expected {', '.join(expected)}",
+          flush=True)
     searches = []
     for strategy in args.strategies:
         for seed in args.search_seeds:
-            s = search(space, data, strategy, seed, folder / f"search_{strategy}_seed{seed}", expected)
+            s = search(space, data, strategy, seed, folder / f"search_{strategy}_seed{seed}", expected, scans)
             searches.append(s)
             print(f"  search {strategy:8s} seed {seed}: top-4 {', '.join(s['top4']):30s} mass on E "
                   f"{s['mass_on_expected']:.3f} {'recovered' if s['recovered'] else 'NOT recovered'} "
                   f"({s['seconds']:.0f} s)", flush=True)
-    retrain = Retrainer(folder / "retrain", searches[0]["cfg"])
+    retrain = Retrainer(folder / "retrain", searches[0]["cfg"], scans)
     draw = random.Random(f"{task.name} random 4-of-8")
     sets = {"expected": [(expected, None, None)] * len(args.retrain_seeds),
             "complement": [(complement, None, None)] * len(args.retrain_seeds),
-            "random": [(sorted(draw.sample(DIRECTIONS, 4), key=DIRECTIONS.index), None, None)
+            "random": [(sorted(draw.sample(scans, 4), key=scans.index), None, None)
                        for _ in args.retrain_seeds],
             "fixed": [(list(FIXED), None, None)] * len(args.retrain_seeds)}
     for s in searches:  # each strategy's model: the one its first search seed derived
@@ -164,10 +171,11 @@ def run_task(task, model: str, reach: int, work: Path, args) -> dict:
     for s in searches:
         for key in ("cfg", "arch", "arch_path"):
             del s[key]
-    return {"task": task.name, "grid": task.grid, "cells": [list(c) for c in task.cells], "expected": expected,
-            "complement": complement, "chance_top1": 100.0 / 4,
+    return {"task": task.name, "grid": task.grid, "cells": [list(c) for c in task.cells],
+            "search_candidates": list(scans), "expected": expected, "complement": complement,
+            "chance_top1": 100.0 / 4,
             # a random 4-of-8 set holds no direction of E this often: the most the searched model can gain on it
-            "p_random_set_without_carrier": math.comb(len(complement), 4) / math.comb(len(DIRECTIONS), 4),
+            "p_random_set_without_carrier": math.comb(len(complement), 4) / math.comb(len(scans), 4),
             "searches": searches, "candidates": candidates,
             "searched_beats_random_by_2std": {c["name"]: c["mean"] > random_bar for c in candidates
                                               if c["name"].startswith("searched")}}
@@ -192,7 +200,8 @@ def summary(tasks: list[dict]) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=[t.name for t in TASKS], choices=[t.name for t in TASKS])
+    p.add_argument("--tasks", nargs="+", default=[t.name for t in TASKS], choices=[t.name for t in TASKS + PLANTED],
+                   help="default: the tasks over LocalMamba's 8 (the planted one has its own record)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--search-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -213,7 +222,7 @@ def main():
     probe = create_model(model, img_size=TASKS[0].img_size, num_classes=4)
     reach = probe.layers[0].mixer.d_conv - 1  # the causal conv hands a token the reach tokens before it
     start = time.perf_counter()
-    tasks = [run_task(t, model, reach, work, args) for t in TASKS if t.name in args.tasks]
+    tasks = [run_task(t, model, reach, work, args) for t in TASKS + PLANTED if t.name in args.tasks]
     print(summary(tasks))
     record = {"benchmark": "bench_search_validity", "environment": environment("cpu"),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start,

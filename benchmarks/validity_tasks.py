@@ -3,8 +3,9 @@
 The network is a one-layer LocalVim whose readout is a class token inserted at scan position n // 2 of every
 direction (``mid_cls_token``). Within one layer the scan is causal, so the class token sees only the tokens
 that come before it in a direction's order: that direction's *prefix*. Each task puts its label (a colour)
-in a region R of the token grid and grey noise everywhere else. The expected set is the directions whose
-prefix holds R, read off the scan tables the model itself uses (``nas.ops.scan_tables``).
+in a region R of the token grid and grey noise everywhere else, and names the candidate scans its search
+chooses from (LocalMamba's 8 unless it says otherwise). The expected set is the candidates whose prefix holds
+R, read off the scan tables the model itself uses (``nas.ops.scan_tables``).
 
 Two more conditions make the expectation sharp, and ``expected_directions`` checks both:
 - no direction sees only part of R (else "can carry the label" would depend on how it is spread over R);
@@ -28,9 +29,8 @@ import torch.nn as nn
 from PIL import Image
 
 from nas.models.local_vim import LocalVim
-from nas.ops import scan_tables
 from nas.models.registry import register_model
-from nas.ops import DIRECTIONS
+from nas.ops import DIRECTIONS, scan_tables
 
 PATCH = 4
 # class names sort into the label order; the colours are far apart in RGB
@@ -44,6 +44,9 @@ class Task:
     name: str
     grid: int                            # grid x grid tokens of PATCH x PATCH pixels
     cells: tuple[tuple[int, int], ...]   # (row, col) of the tokens of R
+    # the search's candidate scans (search.candidates), 8 like LocalMamba's so every task has the same budget;
+    # they hold h, h_flip, v, v_flip, the benchmark's fixed baseline
+    candidates: tuple[str, ...] = DIRECTIONS
 
     @property
     def img_size(self) -> int:
@@ -59,33 +62,41 @@ TASKS = (
     Task("token_2_1_of_4x4", 4, ((2, 1),)),
 )
 
+# The answer is a new order: on 5 x 5 no LocalMamba direction (nor any registered order but hilbert, w4 and
+# spiral_flip) visits the centre token before the class token, so LocalMamba's 8 cannot carry it at all.
+# hilbert and w4 have it 2 steps back; spiral_flip (12 steps back, out of reach) is left out of the candidates,
+# and snake_h and diag stand in as new orders that do not see it. No two of the candidates coincide on 5 x 5.
+PLANTED = (
+    Task("token_2_2_of_5x5", 5, ((2, 2),), ("h", "h_flip", "v", "v_flip", "snake_h", "diag", "hilbert", "w4")),
+)
 
-def prefixes(grid: int) -> dict[str, list[int]]:
-    """Per direction, the raster indices of the tokens it scans before the class token, in scan order
+
+def prefixes(grid: int, candidates=DIRECTIONS) -> dict[str, list[int]]:
+    """Per candidate, the raster indices of the tokens it scans before the class token, in scan order
     (pad steps dropped)."""
     cls = grid * grid // 2
-    table, _ = scan_tables(DIRECTIONS, grid, grid, "cpu", cls)
+    table, _ = scan_tables(tuple(candidates), grid, grid, "cpu", cls)
     # source index s holds raster token s below the class token, s - 1 above it; -1 is a pad step
-    return {d: [s if s < cls else s - 1 for s in row[:cls] if s >= 0] for d, row in zip(DIRECTIONS, table.tolist())}
+    return {d: [s if s < cls else s - 1 for s in row[:cls] if s >= 0] for d, row in zip(candidates, table.tolist())}
 
 
-def last_steps(grid: int, reach: int) -> dict[str, set[int]]:
-    """Per direction, the raster tokens among its last ``reach`` scan steps before the class token."""
+def last_steps(grid: int, reach: int, candidates=DIRECTIONS) -> dict[str, set[int]]:
+    """Per candidate, the raster tokens among its last ``reach`` scan steps before the class token."""
     cls = grid * grid // 2
-    table, _ = scan_tables(DIRECTIONS, grid, grid, "cpu", cls)
+    table, _ = scan_tables(tuple(candidates), grid, grid, "cpu", cls)
     return {d: {s if s < cls else s - 1 for s in row[cls - reach:cls] if s >= 0}
-            for d, row in zip(DIRECTIONS, table.tolist())}
+            for d, row in zip(candidates, table.tolist())}
 
 
-def expected_directions(cells, grid: int, reach: int) -> list[str]:
-    """The directions whose prefix holds every cell of R, in DIRECTIONS order (see the module docstring
+def expected_directions(cells, grid: int, reach: int, candidates=DIRECTIONS) -> list[str]:
+    """The candidates whose prefix holds every cell of R, in candidate order (see the module docstring
     for the two conditions checked; either failing raises ValueError)."""
     if not cells or not all(0 <= r < grid and 0 <= c < grid for r, c in cells):
         raise ValueError(f"cells: expected (row, col) pairs inside the {grid} x {grid} grid, got {cells}")
     region = {r * grid + c for r, c in cells}
-    near = last_steps(grid, reach)
+    near = last_steps(grid, reach, candidates)
     carriers = []
-    for direction, seen in prefixes(grid).items():
+    for direction, seen in prefixes(grid, candidates).items():
         seen = set(seen)
         if region <= seen:
             if not region & near[direction]:

@@ -1,6 +1,8 @@
 """The search-validity benchmark: its expected sets against the scan-order contract, and the small version
-(one task, one strategy) end to end on real PNG files, checking the recovered set and the premise."""
+(one task, one strategy; a task over LocalMamba's 8 and the planted one over new orders) end to end on real PNG
+files, checking the recovered set and the premise."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,17 +14,19 @@ from PIL import Image
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from nas.ops import DIRECTIONS, scan_order  # noqa: E402
-from validity_tasks import COLOURS, TASKS, expected_directions  # noqa: E402
+from nas.ops import DIRECTIONS, registered_scans, scan_order  # noqa: E402
+from nas.ops.directions import coinciding_directions  # noqa: E402
+from nas.tune.baselines import FIXED  # noqa: E402
+from validity_tasks import COLOURS, PLANTED, TASKS, expected_directions  # noqa: E402
 
 REACH = 3  # LocalVimMixer's causal conv1d has width 4: it hands the 3 steps before a token to it
 
 
-def carriers_by_scan_order(cells, grid):
-    """Directions that scan every cell of R before position n // 2 (where the class token goes) and one of
+def carriers_by_scan_order(cells, grid, candidates=DIRECTIONS):
+    """Candidates that scan every cell of R before position n // 2 (where the class token goes) and one of
     them among the last REACH positions before it: read from ``scan_order`` itself, padding included."""
     out = []
-    for d in DIRECTIONS:
+    for d in candidates:
         order = scan_order(d, grid, grid).tolist()
         positions = [order.index(r * grid + c) for r, c in cells]
         if all(p < grid * grid // 2 for p in positions) and any(p >= grid * grid // 2 - REACH for p in positions):
@@ -37,6 +41,21 @@ def test_expected_sets_follow_the_scan_orders():
     assert len({tuple(s) for s in sets}) == len(TASKS)  # every task asks for another set
 
 
+def test_the_planted_answer_is_new_orders_only():
+    (task,) = PLANTED
+    expected = expected_directions(task.cells, task.grid, REACH, task.candidates)
+    assert expected == carriers_by_scan_order(task.cells, task.grid, task.candidates) == ["hilbert", "w4"]
+    assert expected_directions(task.cells, task.grid, REACH) == []  # no LocalMamba direction sees R at all
+    with pytest.raises(ValueError, match=r"spiral_flip sees R, but no token of R lies in its last 3 steps"):
+        expected_directions(task.cells, task.grid, REACH, registered_scans())  # why spiral_flip is left out
+    assert coinciding_directions(task.grid, task.grid, candidates=task.candidates) == ()
+
+
+def test_every_task_has_eight_candidates_with_the_fixed_baseline_among_them():
+    for task in TASKS + PLANTED:
+        assert len(task.candidates) == 8 and set(FIXED) <= set(task.candidates)
+
+
 def test_partial_or_distant_regions_are_refused():
     with pytest.raises(ValueError, match=r"h sees 1 of the 2 tokens of R"):
         expected_directions(((2, 3), (3, 2)), 6, REACH)  # two tokens that different directions see
@@ -44,8 +63,8 @@ def test_partial_or_distant_regions_are_refused():
         expected_directions(((0, 0),), 6, REACH)  # seen by h, but 18 steps before the class token
 
 
-def test_one_task_one_strategy(tmp_path):
-    task = next(t for t in TASKS if t.grid == 4)
+@pytest.mark.parametrize("task", [next(t for t in TASKS if t.grid == 4), PLANTED[0]], ids=lambda t: t.name)
+def test_one_task_one_strategy(task, tmp_path):
     out = tmp_path / "record.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_search_validity.py"), "--tasks", task.name,
                            "--strategies", "joint", "--search-seeds", "0", "--retrain-seeds", "0",
@@ -61,19 +80,22 @@ def test_one_task_one_strategy(tmp_path):
     record = json.loads(out.read_text())
     assert record["environment"]["torch"] and record["settings"]["conv_reach"] == REACH
     (result,) = record["tasks"]
-    expected = expected_directions(task.cells, task.grid, REACH)
-    assert result["expected"] == expected
+    expected = expected_directions(task.cells, task.grid, REACH, task.candidates)
+    assert result["expected"] == expected and result["search_candidates"] == list(task.candidates)
     (search,) = result["searches"]
-    probs = dict(zip(DIRECTIONS, search["probs"]))
-    assert sum(probs.values()) == pytest.approx(1.0)
-    ranked = sorted(DIRECTIONS, key=lambda d: -probs[d])
+    probs = dict(zip(task.candidates, search["probs"]))
+    assert len(search["probs"]) == len(task.candidates) and sum(probs.values()) == pytest.approx(1.0)
+    ranked = sorted(task.candidates, key=lambda d: -probs[d])
     assert set(ranked[:len(expected)]) == set(expected) and search["recovered"]
     assert search["mass_on_expected"] == pytest.approx(sum(probs[d] for d in expected))
-    assert search["mass_on_expected"] > len(expected) / len(DIRECTIONS) + 0.05  # moved away from uniform
-    assert search["top4"] == [d for d in DIRECTIONS if d in ranked[:4]]
+    assert search["mass_on_expected"] > len(expected) / len(task.candidates) + 0.05  # moved away from uniform
+    assert search["top4"] == [d for d in task.candidates if d in ranked[:4]]
 
     runs = {c["name"]: c["runs"] for c in result["candidates"]}
     assert [r["directions"] for r in runs["searched (joint)"]] == [search["top4"]]
     assert runs["expected"][0]["val_top1"] >= 95.0  # the premise: E carries the label ...
     assert runs["complement"][0]["val_top1"] <= result["chance_top1"] + 15.0  # ... and nothing else does
     assert runs["complement"][0]["carriers"] == 0 and runs["expected"][0]["carriers"] == len(expected)
+    # on the planted task the fixed set h, h_flip, v, v_flip is one of these: no carrier, chance
+    assert all(r["val_top1"] <= result["chance_top1"] + 15.0 for c in runs.values() for r in c if r["carriers"] == 0)
+    assert result["p_random_set_without_carrier"] == math.comb(8 - len(expected), 4) / math.comb(8, 4)
