@@ -10,6 +10,13 @@
   with weights p_i / sg(sum of the active p): the magnitude of a convex combination, while the
   gradient still reaches every alpha through the softmax's normalization.
 
+``path_dropout`` (joint, bilevel; 0 by default, LocalMamba's search): each weight step drops each path of every
+layer with this probability (one path per layer always stays; the merge renormalizes over the rest, as in
+``sampled``). With every path on in every step, the paths that learn a label first carry it alone and the loss no
+longer needs the others, so a path that can carry it as well but learns later never gains alpha; trained alone
+in some steps, every path that can carry the label learns to. The draw is seeded by the step: the same on every
+rank and after a resume. Bilevel's alpha step still runs every path.
+
 Common to all: ``train.clip_grad`` clips the norm of the weights' gradients only; alpha's gradient is
 never part of that norm (a large alpha gradient would otherwise shrink the weights' step) and is not
 clipped (Adam's step does not depend on the gradient's scale). During ``alpha_warmup_epochs`` only the
@@ -40,6 +47,7 @@ STRATEGY_DEFAULTS = {
     "alpha_weight_decay": None,  # joint/sampled: 0; bilevel: 1e-3
     "alpha_betas": [0.5, 0.999],  # bilevel's Adam
     "alpha_warmup_epochs": 0,
+    "path_dropout": 0.0,         # joint/bilevel: drop each path per weight step with this probability (docstring)
 }
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -64,6 +72,7 @@ STRATEGY_CHECKS = {
     "alpha_weight_decay": cfglib.number(0).or_none("the strategy's default"),
     "alpha_betas": cfglib.number_pair(0, 1, high_open=True),
     "alpha_warmup_epochs": cfglib.integer(0),
+    "path_dropout": cfglib.number(0, 1, high_open=True),
 }
 
 
@@ -73,6 +82,9 @@ def check_strategy(cfg: dict) -> None:
         raise UserError(f"strategy.name: unknown strategy {cfg['name']!r}; expected one of "
                         f"{', '.join(list_strategies())}")
     cfglib.validate(cfg, STRATEGY_CHECKS, "strategy.")
+    if cfg.get("path_dropout") and _REGISTRY[cfg["name"]].samples_k_paths:
+        raise UserError(f"strategy.path_dropout: {cfg['name']} already runs k sampled paths per step; path dropout "
+                        f"is for strategies that train every path (joint, bilevel)")
     if cfg["k"] == AUTO and _REGISTRY[cfg["name"]].samples_k_paths:
         raise UserError(f"strategy.k: {cfg['name']} runs k paths per layer in every step and needs them counted; "
                         f"auto is for strategies that train every path (joint, bilevel)")
@@ -107,6 +119,8 @@ class Strategy(Task):
         self.label_smoothing, self.amp = train["label_smoothing"], train["amp"]
         self.alphas = arch_parameters(model)
         self.history = alpha_report.AlphaHistory(candidates=search_candidates(model))
+        if cfg.get("path_dropout"):
+            self.find_unused_parameters = True  # a dropped path's parameters get no gradient in that step
 
     # -- optimizers -------------------------------------------------------------------------------
     def alpha_lr(self) -> float:
@@ -134,6 +148,28 @@ class Strategy(Task):
     def drop_alpha_grads(self) -> None:
         for a in self.alphas:
             a.grad = None
+
+    def drop_paths(self, step: int) -> None:
+        """Path dropout (``path_dropout``) for this step's weight update: each layer keeps each path with
+        probability 1 - p, and one path drawn uniformly when it would keep none."""
+        p = self.cfg.get("path_dropout")
+        if not p:
+            return
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step))
+        paths = []
+        for a in self.alphas:
+            kept = (torch.rand(a.numel(), generator=gen) >= p).nonzero().view(-1)
+            if kept.numel() == 0:
+                kept = torch.randint(a.numel(), (1,), generator=gen)
+            paths.append(kept)
+        set_active_paths(self.model, paths)
+
+    def before_step(self, step: int, epoch: int) -> None:
+        self.drop_paths(step)
+
+    def eval_model(self, model):
+        set_active_paths(self.model, None)  # evaluation (and the report) runs every path
+        return model
 
     def before_optimizer_step(self, epoch: int) -> None:
         if self.alpha_frozen(epoch):
@@ -224,8 +260,13 @@ class Bilevel(Strategy):
                 self._pass, self._taken, self._heldout_iter = self._pass + 1, 0, None
 
     def before_step(self, step: int, epoch: int) -> None:
+        self.alpha_step(epoch)
+        self.drop_paths(step)
+
+    def alpha_step(self, epoch: int) -> None:
         if self.alpha_frozen(epoch):
             return
+        set_active_paths(self.model, None)  # alpha steps on every path
         images, labels = self._next_heldout(epoch)
         device = self.alphas[0].device
         images, labels = images.to(device), labels.to(device)
@@ -302,6 +343,3 @@ class Sampled(Strategy):
         ks = self.cfg["k"] if isinstance(self.cfg["k"], list) else [self.cfg["k"]] * len(self.alphas)
         set_active_paths(self.model, [gumbel_top_k(a, k, gen) for a, k in zip(self.alphas, ks)])
 
-    def eval_model(self, model):
-        set_active_paths(self.model, None)
-        return model
