@@ -56,6 +56,12 @@ TRAIN = {"batch_size": 64, "workers": 0, "lr": 1.0e-2, "min_lr": 1.0e-4, "warmup
 # right directions"): at 0.1 the first carrier to learn takes the mass and another carrier sinks with the
 # non-carriers; at 0.01 the margins are a few thousandths when the loss saturates and alpha stops
 STRATEGY_SETTINGS = {"joint": {"alpha_lr": 0.02}, "bilevel": {"alpha_lr": 0.03}, "sampled": {"alpha_lr": 0.03}}
+
+
+def strategy_settings(path_dropout: float) -> dict:
+    """STRATEGY_SETTINGS, with ``strategy.path_dropout`` for the strategies that train every path."""
+    extra = {"path_dropout": path_dropout} if path_dropout else {}
+    return {name: {**s, **(extra if name != "sampled" else {})} for name, s in STRATEGY_SETTINGS.items()}
 LOG = {"tensorboard": False, "progress": False}
 
 
@@ -81,8 +87,9 @@ def search_space(task, model: str, search_epochs: int, retrain_epochs: int, fold
     return path
 
 
-def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expected: list[str], scans) -> dict:
-    overrides = [f"--strategy.{key}={value}" for key, value in STRATEGY_SETTINGS[strategy].items()]
+def search(space: Path, data: Path, strategy: str, seed: int, out: Path, expected: list[str], scans,
+           settings: dict) -> dict:
+    overrides = [f"--strategy.{key}={value}" for key, value in settings[strategy].items()]
     args, rest = parse_args(["-c", str(space), "--data", str(data), "--out", str(out), f"--strategy.name={strategy}",
                              f"seed={seed}", *overrides])
     cfg, out_dir = resolve_config(args, rest)
@@ -143,7 +150,8 @@ def run_task(task, model: str, reach: int, work: Path, args) -> dict:
     searches = []
     for strategy in args.strategies:
         for seed in args.search_seeds:
-            s = search(space, data, strategy, seed, folder / f"search_{strategy}_seed{seed}", expected, scans)
+            s = search(space, data, strategy, seed, folder / f"search_{strategy}_seed{seed}", expected, scans,
+                       strategy_settings(args.path_dropout))
             searches.append(s)
             print(f"  search {strategy:8s} seed {seed}: top-4 {', '.join(s['top4']):30s} mass on E "
                   f"{s['mass_on_expected']:.3f} {'recovered' if s['recovered'] else 'NOT recovered'} "
@@ -206,6 +214,9 @@ def main():
     p.add_argument("--search-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--retrain-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--search-epochs", type=int, default=12)
+    p.add_argument("--path-dropout", type=float, default=0.5,
+                   help="strategy.path_dropout of joint and bilevel (sampled already trains subsets of the paths); "
+                        "0: every path in every step, with which a late carrier can stay below a non-carrier")
     p.add_argument("--retrain-epochs", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=128)
     p.add_argument("--val-per-class", type=int, default=64)
@@ -226,7 +237,7 @@ def main():
     print(summary(tasks))
     record = {"benchmark": "bench_search_validity", "environment": environment("cpu"),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start,
-              "settings": {"model": model, "data": DATA, "train": TRAIN, "strategy_settings": STRATEGY_SETTINGS,
+              "settings": {"model": model, "data": DATA, "train": TRAIN, "strategy_settings": strategy_settings(args.path_dropout),
                            "conv_reach": reach, **{k: v for k, v in vars(args).items() if k not in ("work", "out")}},
               "tasks": tasks}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

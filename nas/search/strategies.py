@@ -15,7 +15,9 @@ layer with this probability (one path per layer always stays; the merge renormal
 ``sampled``). With every path on in every step, the paths that learn a label first carry it alone and the loss no
 longer needs the others, so a path that can carry it as well but learns later never gains alpha; trained alone
 in some steps, every path that can carry the label learns to. The draw is seeded by the step: the same on every
-rank and after a resume. Bilevel's alpha step still runs every path.
+rank and after a resume. Bilevel's alpha step runs the paths of the weight step that follows it (with every path
+on, its held-out gradient favours the paths that already carry the label, and the others sink: measured in the
+validity benchmark, 6 of 12 searches recovered the expected set that way, 12 of 12 with the shared draw).
 
 Common to all: ``train.clip_grad`` clips the norm of the weights' gradients only; alpha's gradient is
 never part of that norm (a large alpha gradient would otherwise shrink the weights' step) and is not
@@ -260,13 +262,12 @@ class Bilevel(Strategy):
                 self._pass, self._taken, self._heldout_iter = self._pass + 1, 0, None
 
     def before_step(self, step: int, epoch: int) -> None:
+        self.drop_paths(step)  # the alpha step and the weight step run the same paths
         self.alpha_step(epoch)
-        self.drop_paths(step)
 
     def alpha_step(self, epoch: int) -> None:
         if self.alpha_frozen(epoch):
             return
-        set_active_paths(self.model, None)  # alpha steps on every path
         images, labels = self._next_heldout(epoch)
         device = self.alphas[0].device
         images, labels = images.to(device), labels.to(device)

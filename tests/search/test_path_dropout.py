@@ -1,6 +1,6 @@
 """strategy.path_dropout (joint, bilevel): each weight step drops each layer's paths with probability p, one
-always staying; the draw is a function of (seed, step), so every rank and a resumed run draw the same; the alpha
-step of bilevel and every evaluation run all paths; 0 (the default) leaves every path on."""
+always staying; the draw is a function of (seed, step), so every rank and a resumed run draw the same; bilevel's
+alpha step runs the weight step's paths; every evaluation runs all paths; 0 (the default) leaves every path on."""
 import os
 
 import pytest
@@ -68,3 +68,13 @@ def test_a_search_with_path_dropout_runs_and_sampled_refuses_it(name, tmp_path, 
     assert search_main(TINY + ["--out", str(tmp_path / "s"), "--strategy.name", "sampled",
                                "--strategy.path_dropout", "0.5"]) == 2
     assert "strategy.path_dropout: sampled already runs k sampled paths" in capsys.readouterr().err
+
+
+def test_bilevels_alpha_step_runs_the_paths_of_its_weight_step():
+    torch.manual_seed(0)
+    model = create_model("local_vim_demo_search", depth=2, embed_dim=16, img_size=16)
+    bilevel = create_strategy({**STRATEGY_DEFAULTS, "name": "bilevel", "path_dropout": 0.5}, model, TRAIN, 0, None, "")
+    seen = []
+    bilevel.alpha_step = lambda epoch: seen.append(active(model))  # what the held-out pass would run
+    bilevel.before_step(5, 0)
+    assert seen == [active(model)] and all(paths is not None for paths in seen[0])
