@@ -2,6 +2,7 @@
 log, alphas.json, TensorBoard, derive.py (table, arch.yaml, figures, --distinct), the retraining (from scratch and
 inherited), the FLOPs counter and the baselines all follow the list. The default stays LocalMamba's 8."""
 import json
+import math
 import os
 
 import pytest
@@ -18,7 +19,8 @@ from nas.engine import checkpoint
 from nas.models import arch_parameters, create_model, derive_directions, flops, search_candidates
 from nas.ops import DIRECTIONS, registered_scans
 from nas.search.alphas import coincidence_note, coinciding_per_layer
-from nas.tune.baselines import search_layout
+from nas.tune.baselines import DirectionObjective, search_layout
+from nas.tune.space import resolve_tune
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXTENDED = os.path.join(ROOT, "search_spaces", "demo_extended.yaml")
@@ -124,6 +126,9 @@ def test_baselines_draw_from_the_candidates(tmp_path):
     assert arch["candidates"] == SIXTEEN and all(len(row) == 16 for row in arch["probs"])
     assert all(layer == [d for d in SIXTEEN if d in layer] for layer in arch["directions"])
     assert search_main(["-c", EXTENDED, "--out", out, "--baseline", "fixed"] + TINY) == 0
+    tpe = DirectionObjective(cfg, resolve_tune(cfg, need_params=False), out, None, 0)
+    assert [len(c) for c in tpe.choices] == [math.comb(16, 4)] * 2  # TPE picks each layer's 4 of the 16
+    assert set(tpe.choices[0][-1].split(",")) <= set(SIXTEEN)
 
 
 @pytest.mark.parametrize("override, message", [
