@@ -17,7 +17,7 @@ longer needs the others, so a path that can carry it as well but learns later ne
 in some steps, every path that can carry the label learns to. The draw is seeded by the step: the same on every
 rank and after a resume. Bilevel's alpha step runs the paths of the weight step that follows it (with every path
 on, its held-out gradient favours the paths that already carry the label, and the others sink: measured in the
-validity benchmark, 6 of 12 searches recovered the expected set that way, 12 of 12 with the shared draw).
+validity benchmark, 7 of 12 searches recovered the expected set that way, 12 of 12 with the shared draw).
 
 Common to all: ``train.clip_grad`` clips the norm of the weights' gradients only; alpha's gradient is
 never part of that norm (a large alpha gradient would otherwise shrink the weights' step) and is not
