@@ -206,7 +206,7 @@ def arch_model_args(search_cfg: dict, k) -> dict:
     return model_args
 
 
-def build_arch(search_cfg: dict, search_model: str, k: int, directions: list, probs: list, source: str,
+def build_arch(search_cfg: dict, search_model: str, k, directions: list, probs: list, source: str,
                **fields) -> dict:
     """The one arch.yaml builder (derive.py's searched architectures and search.py --baseline's alike): the
     derived model of ``search_model`` running ``directions`` (k per layer) with the search config's

@@ -105,29 +105,15 @@ def _alpha_rows(model_or_alphas, K: int) -> list[torch.Tensor]:
 
 
 AUTO = "auto"  # k per layer from the alphas: the fewest directions whose probabilities sum to auto_mass
+AUTO_MASS = 0.5  # auto's default share of a layer's probability: at a uniform 1/8 it keeps LocalMamba's 4
 
 
 def _is_count(v, K: int) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= K
 
 
-def kept_counts(k, probs, K: int, auto_mass: float = 0.5) -> list[int]:
-    """How many directions each layer keeps. probs: (layers, K) probabilities (one row per layer).
-
-    k: an int (every layer), a list of ints (one per layer), or ``"auto"``: per layer the fewest of its most
-    probable directions whose probabilities sum to at least ``auto_mass`` (FairDARTS-style: a layer whose
-    alpha is decided keeps one, an undecided one keeps several; at uniform 1/8 and 0.5 that is LocalMamba's 4).
-    """
-    layers = len(probs)
-    if k == AUTO:
-        if isinstance(auto_mass, bool) or not isinstance(auto_mass, (int, float)) or not 0 < auto_mass <= 1:
-            raise UserError(f"auto_mass: expected a number in (0, 1], got {auto_mass!r}")
-        counts = []
-        for row in probs:
-            top = torch.as_tensor(row, dtype=torch.float64).sort(descending=True).values.cumsum(0)
-            # a tolerance for the rounding of the cumulative sum (uniform 1/8 x 4 must reach 0.5)
-            counts.append(min(K, int((top < auto_mass - 1e-12).sum()) + 1))
-        return counts
+def fixed_counts(k, layers: int, K: int) -> list[int]:
+    """k as an int (every layer) or one int per layer, checked against K candidates: one count per layer."""
     if isinstance(k, (list, tuple)):
         if len(k) != layers or not all(_is_count(v, K) for v in k):
             raise UserError(f"k: expected one int from 1 to {K} per layer ({layers} layers), got {list(k)!r}")
@@ -137,7 +123,26 @@ def kept_counts(k, probs, K: int, auto_mass: float = 0.5) -> list[int]:
     return [k] * layers
 
 
-def describe_k(k, auto_mass: float = 0.5, distinct: bool = False) -> str:
+def kept_counts(k, probs, K: int, auto_mass: float = AUTO_MASS) -> list[int]:
+    """How many directions each layer keeps. probs: (layers, K) probabilities (one row per layer).
+
+    k: an int (every layer), a list of ints (one per layer; ``fixed_counts``), or ``"auto"``: per layer the fewest of its most
+    probable directions whose probabilities sum to at least ``auto_mass`` (FairDARTS-style: a layer whose
+    alpha is decided keeps one, an undecided one keeps several; at uniform 1/8 and 0.5 that is LocalMamba's 4).
+    """
+    if k == AUTO:
+        if isinstance(auto_mass, bool) or not isinstance(auto_mass, (int, float)) or not 0 < auto_mass <= 1:
+            raise UserError(f"auto_mass: expected a number in (0, 1], got {auto_mass!r}")
+        counts = []
+        for row in probs:
+            top = torch.as_tensor(row, dtype=torch.float64).sort(descending=True).values.cumsum(0)
+            # a tolerance for the rounding of the cumulative sum (uniform 1/8 x 4 must reach 0.5)
+            counts.append(min(K, int((top < auto_mass - 1e-12).sum()) + 1))
+        return counts
+    return fixed_counts(k, len(probs), K)
+
+
+def describe_k(k, auto_mass: float = AUTO_MASS, distinct: bool = False) -> str:
     """What a k keeps, in words: "top-4", "top-k (k = 2, 3, 4 in layer order)", "fewest directions holding 50%
     of the probability"; read after "the" and before "of each layer"."""
     if k == AUTO:
@@ -148,7 +153,7 @@ def describe_k(k, auto_mass: float = 0.5, distinct: bool = False) -> str:
     return f"{k} strongest distinct scans" if distinct else f"top-{k}"
 
 
-def derive_directions(model_or_alphas, k=4, candidates=DIRECTIONS, auto_mass: float = 0.5) -> list[list[str]]:
+def derive_directions(model_or_alphas, k=4, candidates=DIRECTIONS, auto_mass: float = AUTO_MASS) -> list[list[str]]:
     """Per layer, the k candidates with the largest softmax(alpha), written in candidate order.
 
     model_or_alphas: a search model (its own candidates), or a list of alpha tensors (one value per candidate)

@@ -11,7 +11,7 @@ import torch
 from nas.atomic import atomic_write
 from nas.errors import UserError
 from nas.models import LocalVim, LocalVMamba, derive_directions, search_candidates, search_scans
-from nas.models.search_space import kept_counts
+from nas.models.search_space import AUTO_MASS, kept_counts
 from nas.ops import DIRECTIONS
 from nas.ops.directions import coinciding_directions
 from nas.viz import alpha_heatmap, save_figure
@@ -104,7 +104,7 @@ class AlphaHistory:
             json.dump(self.to_json(), f)
 
 
-def report(logger, model, probs, epoch: int, run_dir: str, k=4, stage_ends=None, auto_mass: float = 0.5) -> dict:
+def report(logger, model, probs, epoch: int, run_dir: str, k=4, stage_ends=None, auto_mass: float = AUTO_MASS) -> dict:
     """TensorBoard scalars per layer and direction (charted per layer by ``write_tensorboard_layout``), the
     heatmap with coinciding scans marked (TensorBoard and figures/alphas.png); returns the epoch's summary
     numbers for the log line."""

@@ -62,7 +62,8 @@ def check_config(cfg: dict) -> None:
         raise UserError("model_args.candidates: name a search space's candidates under search.candidates")
     candidates = check_candidates(cfg["search"]["candidates"])
     k = cfg["strategy"]["k"]
-    if any(v > len(candidates) for v in (k if isinstance(k, list) else [] if k == AUTO else [k])):
+    counts = [] if k == AUTO else k if isinstance(k, list) else [k]  # their number is checked with the model
+    if max(counts, default=0) > len(candidates):
         raise UserError(f"strategy.k: expected an int from 1 to {len(candidates)} (the number of candidates), "
                         f"got {k}")
     if not is_search_model(cfg["model"]):

@@ -37,14 +37,14 @@ from nas.engine.loop import Task, autocast, topk_correct
 from nas.engine.optim import adamw, weight_groups
 from nas.errors import UserError
 from nas.models import arch_parameters, search_candidates, set_active_paths
-from nas.models.search_space import AUTO
+from nas.models.search_space import AUTO, AUTO_MASS, fixed_counts
 from nas.search import alphas as alpha_report
 
 STRATEGY_DEFAULTS = {
     "name": "joint",
     "k": 4,                      # directions kept per layer (derivation; sampled: active per step): an int, one
                                  # int per layer, or auto (per layer the fewest directions holding auto_mass)
-    "auto_mass": 0.5,            # k: auto's share of a layer's probability (0.5 of a uniform 8 is 4 directions)
+    "auto_mass": AUTO_MASS,      # k: auto's share of a layer's probability (0.5 of a uniform 8 is 4 directions)
     "alpha_lr": None,            # joint/sampled: the weights' lr; bilevel: 3e-4
     "alpha_weight_decay": None,  # joint/sampled: 0; bilevel: 1e-3
     "alpha_betas": [0.5, 0.999],  # bilevel's Adam
@@ -341,6 +341,6 @@ class Sampled(Strategy):
 
     def before_step(self, step: int, epoch: int) -> None:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
-        ks = self.cfg["k"] if isinstance(self.cfg["k"], list) else [self.cfg["k"]] * len(self.alphas)
+        ks = fixed_counts(self.cfg["k"], len(self.alphas), self.alphas[0].numel())  # K: one alpha per candidate
         set_active_paths(self.model, [gumbel_top_k(a, k, gen) for a, k in zip(self.alphas, ks)])
 

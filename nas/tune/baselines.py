@@ -33,7 +33,7 @@ from nas.derive.export import arch_model_args, build_arch, derived_model_name, w
 from nas.derive.retrain import retrain_config, run_retrain
 from nas.models import arch_parameters, check_directions, create_model, published_directions, search_candidates
 from nas.models.arch import published_names
-from nas.models.search_space import AUTO
+from nas.models.search_space import AUTO, fixed_counts
 from nas.search.run import supernet_args
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
@@ -57,7 +57,7 @@ class SearchLayout(NamedTuple):
 
     @property
     def counts(self) -> list[int]:
-        return list(self.k) if isinstance(self.k, list) else [self.k] * self.layers
+        return fixed_counts(self.k, self.layers, len(self.candidates))
 
 
 def canonical(layer, candidates) -> list[str]:

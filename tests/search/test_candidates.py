@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from nas.cli.derive import main as derive_main
 from nas.cli.derive import parse_args, prepare_retrain
@@ -16,11 +17,12 @@ from nas.cli.search import resolve_config
 from nas.cli.search import parse_args as search_args
 from nas.derive.retrain import build_model
 from nas.engine import checkpoint
-from nas.models import arch_parameters, create_model, derive_directions, flops, search_candidates
+from nas.models import arch_parameters, create_model, derive_directions, flops, search_candidates, set_batched
 from nas.ops import DIRECTIONS, registered_scans
 from nas.search.alphas import coincidence_note, coinciding_per_layer
 from nas.tune.baselines import DirectionObjective, search_layout
 from nas.tune.space import resolve_tune
+from nas.viz import alpha_heatmap, alpha_history_figure, scan_orders_figure
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXTENDED = os.path.join(ROOT, "search_spaces", "demo_extended.yaml")
@@ -82,12 +84,12 @@ def test_an_extended_search_is_recorded_over_its_candidates(extended_run):
 def test_derive_and_retrain_an_extended_search(extended_run, tmp_path, capsys):
     assert derive_main([extended_run]) == 0
     table = capsys.readouterr().out
-    assert all(name in table.splitlines()[2] for name in ("snake_h", "hilbert", "w2_col"))  # the table's header
+    assert table.splitlines()[2].split() == ["layer", *SIXTEEN]  # the table's header: one column per candidate
     with open(os.path.join(extended_run, "arch.yaml")) as f:
         arch = yaml.safe_load(f)
     assert arch["candidates"] == SIXTEEN and all(len(row) == 16 for row in arch["probs"])
-    for name in ("alphas.png", "scan_orders.png", "alpha_history.png"):
-        assert os.path.getsize(os.path.join(extended_run, "figures", name)) > 0
+    with Image.open(os.path.join(extended_run, "figures", "scan_orders.png")) as drawing:
+        assert drawing.size == (1560, 4 * 420)  # four rows of four panels (3.5 inches each at 120 dpi)
     model = create_model(arch["model"], directions=os.path.join(extended_run, "arch.yaml"), **arch["model_args"])
     assert model.directions == arch["directions"]
 
@@ -146,6 +148,32 @@ def test_a_bad_candidate_list_is_one_line_before_anything_is_written(override, m
     assert not os.path.exists(out)
 
 
-def test_every_registered_order_can_be_a_candidate():
-    model = create_model("local_vim_demo_search", depth=1, embed_dim=16, img_size=20, candidates=registered_scans())
-    assert model(torch.randn(1, 3, 20, 20)).isfinite().all()
+def test_the_figures_draw_every_candidate():
+    probs = torch.softmax(torch.randn(2, 16), 1).tolist()
+    kept = [SIXTEEN[:4], SIXTEEN[-4:]]
+    drawing = scan_orders_figure(5, 7, candidates=SIXTEEN)  # a non-square grid
+    assert [ax.get_title() for ax in drawing.axes if ax.get_title()] == SIXTEEN
+    heatmap = alpha_heatmap(probs, kept, candidates=SIXTEEN)
+    assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == SIXTEEN
+    history = alpha_history_figure([{"epoch": 1, "probs": probs}], kept, candidates=SIXTEEN)
+    assert [t.get_text() for t in history.legends[0].get_texts()] == SIXTEEN
+
+
+@pytest.mark.parametrize("family, size", [("local_vim_demo_search", (20, 28)), ("local_vssm_demo_search", (36, 20))])
+def test_every_registered_order_runs_alike_batched_and_one_by_one(family, size):
+    """The one-call multi-direction scan against the per-direction loop, for every registered order at once, on a
+    non-square grid (5 x 7 tokens; 9 x 5 at LocalVMamba's first stage): outputs and alpha gradients."""
+    torch.manual_seed(0)
+    model = create_model(family, img_size=size, candidates=registered_scans(), drop_path_rate=0.0)
+    images = torch.randn(2, 3, *size)
+    results = []
+    for batched in (True, False):
+        set_batched(model, batched)
+        model.zero_grad()
+        out = model(images)
+        out.square().sum().backward()
+        results.append((out.detach(), [a.grad.clone() for a in arch_parameters(model)]))
+    (out_b, grads_b), (out_l, grads_l) = results
+    torch.testing.assert_close(out_b, out_l, rtol=1e-4, atol=1e-5)
+    for gb, gl in zip(grads_b, grads_l):
+        torch.testing.assert_close(gb, gl, rtol=1e-4, atol=1e-6)
