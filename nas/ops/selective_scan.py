@@ -8,8 +8,9 @@ Arithmetic is fp32 (or float64 for float64 inputs) whatever the input dtype; y c
 and the last state (batch, D, N) in fp32.
 
 Backends: "ref" (the sequential loop below, the oracle), "torch" (chunked pure PyTorch, any device),
-"triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when it imports,
-else torch).
+"cpu" (one compiled C kernel, CPU tensors; built on first use, see ``nas.ops.scan_cpu``), "triton"
+(CUDA, or CPU under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when it imports, cpu for CPU
+tensors when a C compiler is there, else torch).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "ref", "torch", "triton")
+BACKENDS = ("auto", "ref", "torch", "cpu", "triton")
 
 
 def _shape(t) -> str:
@@ -121,7 +122,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu":
+            from nas.ops.scan_cpu import cpu_kernel_available, note_fallback
+            if cpu_kernel_available():
+                return "cpu"
+            note_fallback()
+        return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend: 'cpu' needs CPU tensors (got {device.type}); use backend='auto'")
+        from nas.ops.scan_cpu import cpu_kernel_available, cpu_kernel_problem
+        if not cpu_kernel_available():
+            raise ValueError(f"backend: 'cpu' is not available here ({cpu_kernel_problem()}); use backend='torch'")
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend: 'triton' needs the triton package, which is not installed; use backend='torch'")
@@ -145,6 +159,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         fn = selective_scan_ref
     elif backend == "torch":
         from nas.ops.scan_torch import selective_scan_torch as fn
+    elif backend == "cpu":
+        from nas.ops.scan_cpu import selective_scan_cpu as fn
     else:
         from nas.ops.scan_triton import selective_scan_triton as fn
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
