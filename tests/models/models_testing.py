@@ -10,7 +10,7 @@ from nas.models import create_model
 from nas.models.registry import model_spec
 
 
-SCAN_BACKEND = "torch"  # the fast pure-PyTorch scan: what CPU users run
+SCAN_BACKEND = "auto"  # what CPU users run: the compiled CPU kernel (the torch scan where no compiler is)
 
 
 @functools.lru_cache(maxsize=None)
