@@ -1,6 +1,7 @@
 """Benchmark the selective scan: forward and forward+backward time and peak memory per backend.
 
-CPU (default): the "torch" backend against the usual CPU fallback (precompute exp(delta*A) and delta*B*u
+CPU (default): the "cpu" backend (the compiled kernel, when a C compiler is there) and the "torch" backend
+against the usual CPU fallback (precompute exp(delta*A) and delta*B*u
 for every step, then a Python loop over L under autograd), fp32 with z, D, delta_bias and softplus, at
 (batch 8, D 256, N 16, L 196) and (batch 2, D 384, N 16, L 1024). Each variant runs in its own
 subprocess so that its peak resident memory can be read (ru_maxrss minus the RSS before the first call).
@@ -41,7 +42,7 @@ from bench_common import current_rss_kb, environment  # noqa: E402
 from nas.ops import apply_scan, multi_direction_scan, scan_orders, selective_scan, undo_scan  # noqa: E402
 
 CPU_SHAPES = [(8, 256, 16, 196), (2, 384, 16, 1024)]
-CPU_VARIANTS = ("fallback_loop", "torch")
+CPU_VARIANTS = ("fallback_loop", "torch", "cpu")
 SEARCH_DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
 DERIVED_DIRECTIONS = ("h", "v_flip", "w7", "w7_flip")  # LocalVim-T's first searched layer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -105,10 +106,12 @@ def cpu_child(variant, shape, mode, reps):
 
 
 def run_cpu(args):
+    from nas.ops.scan_cpu import cpu_kernel_available
+    variants = CPU_VARIANTS if cpu_kernel_available() else CPU_VARIANTS[:-1]
     rows = []
     for shape in CPU_SHAPES:
         for mode in ("fwd", "fwdbwd"):
-            for variant in CPU_VARIANTS:
+            for variant in variants:
                 reps = args.reps if variant != "fallback_loop" else max(1, args.reps // 3)
                 out = subprocess.run([sys.executable, __file__, "--child", variant, "--shape", ",".join(map(str, shape)),
                                       "--mode", mode, "--reps", str(reps)], capture_output=True, text=True, check=True)
@@ -120,13 +123,20 @@ def run_cpu(args):
     for shape in CPU_SHAPES:
         for mode in ("fwd", "fwdbwd"):
             pick = {r["variant"]: r for r in rows if r["mode"] == mode and tuple(r["shape"].values()) == shape}
-            speedup = pick["fallback_loop"]["ms"] / pick["torch"]["ms"]
-            mem = pick["torch"]["peak_mb"] / max(pick["fallback_loop"]["peak_mb"], 1e-9)
-            summary.append({"shape": list(shape), "mode": mode, "torch_speedup_vs_fallback": speedup,
-                            "torch_peak_mem_ratio_vs_fallback": mem})
-    print("\nshape                  mode     torch speedup  torch/fallback peak memory")
+            entry = {"shape": list(shape), "mode": mode}
+            for v in variants[1:]:
+                entry[f"{v}_speedup_vs_fallback"] = pick["fallback_loop"]["ms"] / pick[v]["ms"]
+                entry[f"{v}_peak_mem_ratio_vs_fallback"] = pick[v]["peak_mb"] / max(pick["fallback_loop"]["peak_mb"], 1e-9)
+            if "cpu" in pick:
+                entry["cpu_speedup_vs_torch"] = pick["torch"]["ms"] / pick["cpu"]["ms"]
+            summary.append(entry)
+    print("\nshape                  mode    " + "".join(f" {v + ' speedup':>14s} {v + '/fallback mem':>19s}"
+                                                     for v in variants[1:])
+          + (f" {'cpu/torch speedup':>18s}" if "cpu" in variants else ""))
     for s in summary:
-        print(f"{str(tuple(s['shape'])):22s} {s['mode']:7s} {s['torch_speedup_vs_fallback']:12.1f}x {s['torch_peak_mem_ratio_vs_fallback']:10.2f}")
+        print(f"{str(tuple(s['shape'])):22s} {s['mode']:7s}" + "".join(
+            f" {s[v + '_speedup_vs_fallback']:13.1f}x {s[v + '_peak_mem_ratio_vs_fallback']:19.2f}" for v in variants[1:])
+            + (f" {s['cpu_speedup_vs_torch']:17.1f}x" if "cpu_speedup_vs_torch" in s else ""))
     return {"rows": rows, "summary": summary}
 
 

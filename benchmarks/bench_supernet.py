@@ -1,23 +1,27 @@
-"""Benchmark one search training step of the supernets: our batched scan against the per-direction loop and
-against mambapy's parallel scan, and both against the arithmetic floor of the scan.
+"""Benchmark one search training step of the supernets: our batched scan against the per-direction loop, our
+PyTorch scan and mambapy's parallel scan, and all against the arithmetic floor of the scan.
 
 One step = forward + cross-entropy + backward + AdamW (alpha in its own group without weight decay), on
 random images and labels. Every (model, path) runs in its own subprocess, so that its peak memory can be
 read (CPU: ru_maxrss minus the RSS before the first step; CUDA: max_memory_allocated).
-- path "batched": every layer runs all its directions in one multi_direction_scan call (the default);
-- path "loop": one selective_scan per direction on permuted copies (LocalMamba's structure);
+- path "batched": every layer runs all its directions in one multi_direction_scan call (the default), scan
+  backend "auto" (CPU: the compiled kernel, ``nas.ops.scan_cpu``);
+- path "loop": one selective_scan per direction on permuted copies (LocalMamba's structure), same backend;
+- path "torch" (CPU): the batched model on the PyTorch scan (``nas.ops.scan_torch``), the CPU scan before the
+  compiled kernel and what runs where no C compiler is;
 - path "mambapy" (CPU): the batched model with its selective scans computed the way mambapy's Mamba does
   (``bench_common.mambapy_selective_scan``: mambapy's parallel scan), the pure-PyTorch scan a CPU user
   would otherwise take.
 
 CPU (default): the demo supernets (the demo's batch 64) and scaled-down real supernets (real widths, fewer
-layers) at batch 8, fp32, scan backend "torch". For each step the script also records the selective scans
+layers) at batch 8, fp32. For each step the script also records the selective scans
 it ran, times them alone (forward + backward, same shapes, random inputs, same path), counts their
 exponentials and multiply-adds (``bench_common.SCAN_FMAS``) and measures this machine's exp2 and FMA
 throughput in PyTorch at the same thread count: the floor is exps / exp2 rate + FMAs / FMA rate, and the
 table gives the step and its scans as multiples of it. A second table times the scan alone at layer shapes
-(the demo layer, LocalVim-T search and derived layers, the LocalVMamba search stages): ours against mambapy's
-on the same inputs, with the floor.
+(the demo layer, LocalVim-T search and derived layers, the LocalVMamba search stages): the compiled kernel
+against our PyTorch scan and mambapy's on the same inputs, with the floor. The floor is what PyTorch's own
+exp2 and multiply-add run at; the compiled kernel, which does a step in registers, can go below it.
 CUDA (--device cuda): the real supernets at batch 128 under bf16 autocast, scan backend "auto" (Triton).
 --device interpret: the CUDA path's code on CPU under TRITON_INTERPRET=1 (scan backend "auto": torch) at tiny
 sizes, a check of this script (tests run it); its numbers measure nothing.
@@ -44,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import (current_rss_kb, cpu_throughput, environment, mambapy_selective_scan,  # noqa: E402
                           scan_floor_ms)
+import nas.ops.scan_cpu as scan_cpu  # noqa: E402
 import nas.ops.scan_torch as scan_torch  # noqa: E402
 from nas.models import count_parameters, create_model, set_batched, split_parameters  # noqa: E402
 from nas.ops import scan_tables  # noqa: E402
@@ -66,10 +71,12 @@ MODELS = {
         ("vim_demo_d1", "local_vim_demo_search", {"depth": 1, "embed_dim": 8}, 16, [1]),
     ],
 }
-PATHS = {"cpu": ("batched", "loop", "mambapy"), "cuda": ("batched", "loop"), "interpret": ("batched", "loop")}
+PATHS = {"cpu": ("batched", "loop", "torch", "mambapy"), "cuda": ("batched", "loop"), "interpret": ("batched", "loop")}
 TENSOR_DEVICE = {"cpu": "cpu", "cuda": "cuda", "interpret": "cpu"}
-BACKEND = {"cpu": "torch", "cuda": "auto", "interpret": "auto"}  # interpret: torch on CPU tensors (the Triton
-# interpreter would take minutes per step; bench_scan --device interpret runs the kernels)
+# the scan backend of each path; interpret: "torch" on CPU tensors (the Triton interpreter would take minutes
+# per step; bench_scan --device interpret runs the kernels)
+BACKEND = {"batched": "auto", "loop": "auto", "torch": "torch", "mambapy": "torch"}
+INTERPRET_BACKEND = "torch"
 
 # (label, batch, K, d_inner, N, grid, class token) of the scan-alone table (CPU)
 LAYERS = [
@@ -108,7 +115,7 @@ def time_fwdbwd(fn, reps: int, warmup: int = 1) -> float:
 
 
 class ScanRecorder:
-    """Wraps the torch backend's selective scan: remembers the shapes and options of every call."""
+    """Wraps a backend's selective scan: remembers the shapes and options of every call."""
 
     def __init__(self, fn):
         self.fn, self.calls, self.on = fn, [], True
@@ -140,11 +147,15 @@ def child(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(TENSOR_DEVICE[spec["device"]])
-    # the mambapy path swaps the scan under the batched model (selective_scan looks it up at each call)
-    recorder = ScanRecorder(mambapy_selective_scan if spec["path"] == "mambapy" else scan_torch.selective_scan_torch)
-    scan_torch.selective_scan_torch = recorder
+    # the recorder stands in for the backend's scan function (selective_scan looks it up at each call); the
+    # mambapy path swaps mambapy's scan in under the torch backend
+    backend = INTERPRET_BACKEND if spec["device"] == "interpret" else BACKEND[spec["path"]]
+    module = scan_cpu if backend == "auto" and device.type == "cpu" and scan_cpu.cpu_kernel_available() else scan_torch
+    name = "selective_scan_cpu" if module is scan_cpu else "selective_scan_torch"
+    recorder = ScanRecorder(mambapy_selective_scan if spec["path"] == "mambapy" else getattr(module, name))
+    setattr(module, name, recorder)
     torch.manual_seed(0)
-    model = create_model(spec["model"], backend=BACKEND[spec["device"]], **spec["overrides"]).to(device)
+    model = create_model(spec["model"], backend=backend, **spec["overrides"]).to(device)
     set_batched(model, spec["path"] != "loop")
     weights, alphas = split_parameters(model)
     opt = torch.optim.AdamW([{"params": weights, "weight_decay": 0.05}, {"params": alphas, "weight_decay": 0.0}],
@@ -187,7 +198,7 @@ def child(spec: dict) -> dict:
     med = statistics.median(times)
     out = {"ms_median": 1e3 * med, "ms_min": 1e3 * min(times), "images_per_s": spec["batch"] / med,
            "peak_mib": peak_mib, "params": count_parameters(model), "loss_finite": bool(torch.isfinite(loss)),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "scan_function": recorder.fn.__name__}
     if spec["device"] == "cpu":
         out["scan_ms"], out["scan_state_steps"] = recorder.time_alone(max(1, spec["steps"] // 2))
         out["scan_calls"] = len(recorder.calls)
@@ -253,11 +264,15 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def run_layers(args, rates) -> list[dict]:
-    """The scan alone at layer shapes, fwd + bwd: our multi-direction torch scan vs mambapy's, same inputs."""
-    print(f"\n{'layer (scan alone, fwd+bwd)':30s} {'ours ms':>9s} {'mambapy ms':>10s} {'speedup':>8s} {'floor ms':>9s} "
-          f"{'ours/floor':>10s}")
+    """The scan alone at layer shapes, fwd + bwd, same inputs: the compiled kernel (when it builds here), our
+    PyTorch scan and mambapy's, each through multi_direction_scan."""
+    fns = {"torch": scan_torch.selective_scan_torch, "mambapy": mambapy_selective_scan}
+    if scan_cpu.cpu_kernel_available():
+        fns = {"cpu": scan_cpu.selective_scan_cpu, **fns}
+    ours = next(iter(fns))
+    print(f"\n{'layer (scan alone, fwd+bwd)':30s} " + " ".join(f"{k + ' ms':>10s}" for k in fns)
+          + f" {'mambapy/' + ours:>13s} {'torch/' + ours:>11s} {'floor ms':>9s} {ours + '/floor':>10s}")
     rows = []
-    ours = scan_torch.selective_scan_torch
     for label, batch, K, dim, N, (H, W), cls in LAYERS:
         table, _ = scan_tables(tuple(DIRECTIONS[:K]), H, W, torch.device("cpu"), (H * W) // 2 if cls else None)
         L = H * W + cls
@@ -268,19 +283,23 @@ def run_layers(args, rates) -> list[dict]:
              r(batch, K, N, L), r(K, dim), r(batch, K, dim, L), 0.3 * r(K, dim)]
         x = [v.requires_grad_() for v in x]
         dy = torch.randn(batch, K, dim, L)
-        row = {"layer": label, "batch": batch, "K": K, "d_inner": dim, "N": N, "L": L, "scan_len": S}
-        for name, fn in (("ours", ours), ("mambapy", mambapy_selective_scan)):
-            scan_torch.selective_scan_torch = fn
+        row = {"layer": label, "batch": batch, "K": K, "d_inner": dim, "N": N, "L": L, "scan_len": S, "ours": ours}
+        for name, fn in fns.items():
+            # the torch backend's function swapped for mambapy's; the others through their own backend
+            scan_torch.selective_scan_torch = fn if name == "mambapy" else fns["torch"]
+            backend = "cpu" if name == "cpu" else "torch"
 
             def run():
-                multi_direction_scan(*x[:5], x[5], x[6], x[7], True, index=table, backend="torch").backward(dy)
+                multi_direction_scan(*x[:5], x[5], x[6], x[7], True, index=table, backend=backend).backward(dy)
             row[f"{name}_ms"] = time_fwdbwd(run, args.layer_reps)
-        scan_torch.selective_scan_torch = ours
+        scan_torch.selective_scan_torch = fns["torch"]
         row.update(scan_floor_ms(batch * K * dim * N * S, "fwdbwd", rates))
-        row["mambapy_over_ours"] = row["mambapy_ms"] / row["ours_ms"]
-        row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
-        print(f"{label:30s} {row['ours_ms']:9.1f} {row['mambapy_ms']:10.1f} {row['mambapy_over_ours']:7.1f}x "
-              f"{row['floor_ms']:9.1f} {row['ours_over_floor']:10.2f}", flush=True)
+        row["mambapy_over_ours"] = row["mambapy_ms"] / row[f"{ours}_ms"]
+        row["torch_over_ours"] = row["torch_ms"] / row[f"{ours}_ms"]
+        row["ours_over_floor"] = row[f"{ours}_ms"] / row["floor_ms"]
+        print(f"{label:30s} " + " ".join(f"{row[k + '_ms']:10.1f}" for k in fns)
+              + f" {row['mambapy_over_ours']:12.1f}x {row['torch_over_ours']:10.1f}x {row['floor_ms']:9.1f} "
+              f"{row['ours_over_floor']:10.2f}", flush=True)
         rows.append(row)
     return rows
 
@@ -308,6 +327,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(TENSOR_DEVICE[args.device] if args.device != "interpret" else "cpu")
+    if args.device == "cpu":
+        env["cpu_kernel"] = scan_cpu.cpu_kernel_problem() or "built"
     rates = None
     if args.device == "cpu":
         rates = cpu_throughput()

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from nas.atomic import WriteError, atomic_write
 from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
 from nas.ops.selective_scan import compute_dtype
 
@@ -67,23 +68,25 @@ def _compiler() -> str | None:
 
 
 def _compile(cc: str, out: Path, extra: tuple[str, ...]) -> None:
-    """Compile the kernel into `out` atomically (a temporary file in the same folder, then a rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
+    """Compile the kernel in a temporary folder, then write it to `out` atomically (concurrent builders
+    each write a whole file; a reader never loads half of one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = Path(tmp) / "scan_cpu.so"
         error = ""
         for native in (NATIVE, []):
-            cmd = [cc, *FLAGS, *native, *extra, str(SOURCES[0]), "-o", tmp, "-lm"]
+            cmd = [cc, *FLAGS, *native, *extra, str(SOURCES[0]), "-o", str(so), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
-                os.replace(tmp, out)
-                return
+                break
             error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise OSError(f"{os.environ.get('CC', 'cc')} failed: {error}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        else:
+            raise OSError(f"{os.environ.get('CC', 'cc')} failed: {error}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_write(str(out), "wb") as f:
+                f.write(so.read_bytes())
+        except WriteError as e:
+            raise OSError(str(e)) from None
 
 
 def _cpu_flags() -> str:
