@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
-from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_scans, multi_direction_scan, scan_tables, selective_scan,
+from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_steps, multi_direction_scan, scan_tables, selective_scan,
                      take_steps, undo_scan)
 
 
@@ -98,8 +98,10 @@ class LocalVimMixer(nn.Module):
         cls_position = (n_src - 1) // 2 if self.mid_cls_token else None
         table, inverse = scan_tables(tuple(self.directions[k] for k in slots), *grid, xz.device, cls_position)
         S = table.shape[1]
-        xz = gather_scans(xz, table).transpose(2, 3)  # (batch, K, 2*Di, S)
-        x, z = xz[:, :, :Di], xz[:, :, Di:]
+        # x and z each read channel-major from the small source into (batch, K, Di, S) contiguous blocks,
+        # which the conv and the scan take without another copy
+        src = xz.transpose(1, 2).unsqueeze(1).expand(batch, K, 2 * Di, n_src)
+        x, z = gather_steps(src[:, :, :Di], table), gather_steps(src[:, :, Di:], table)
         conv_w = torch.cat([getattr(self, f"conv1d_{k}").weight for k in slots])
         conv_b = torch.cat([getattr(self, f"conv1d_{k}").bias for k in slots])
         x = F.conv1d(x.reshape(batch, K * Di, S), conv_w, conv_b, padding=self.d_conv - 1, groups=K * Di)
