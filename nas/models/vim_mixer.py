@@ -17,13 +17,13 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
 from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_steps, multi_direction_scan, scan_tables, selective_scan,
                      take_steps, undo_scan)
+from nas.ops.causal_conv import causal_conv1d_silu
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
@@ -104,8 +104,7 @@ class LocalVimMixer(nn.Module):
         x, z = gather_steps(src[:, :, :Di], table), gather_steps(src[:, :, Di:], table)
         conv_w = torch.cat([getattr(self, f"conv1d_{k}").weight for k in slots])
         conv_b = torch.cat([getattr(self, f"conv1d_{k}").bias for k in slots])
-        x = F.conv1d(x.reshape(batch, K * Di, S), conv_w, conv_b, padding=self.d_conv - 1, groups=K * Di)
-        x = F.silu(x[..., :S]).view(batch, K, Di, S)
+        x = causal_conv1d_silu(x.reshape(batch, K * Di, S), conv_w, conv_b).view(batch, K, Di, S)
         x_dbl = torch.einsum("bkds,kcd->bkcs", x, self._stacked("x_proj_{}.weight", slots))
         dt, B, C = torch.split(x_dbl, [R, N, N], dim=2)
         dt = torch.einsum("bkrs,kdr->bkds", dt, self._stacked("dt_proj_{}.weight", slots))
@@ -128,8 +127,8 @@ class LocalVimMixer(nn.Module):
             if c is not None:
                 seq = torch.cat([seq[:, :c], cls_xz, seq[:, c:]], dim=1)
             x, z = seq.transpose(1, 2).chunk(2, dim=1)
-            L = x.shape[-1]
-            x = F.silu(getattr(self, f"conv1d_{k}")(x)[..., :L])
+            conv = getattr(self, f"conv1d_{k}")
+            x = causal_conv1d_silu(x, conv.weight, conv.bias)
             dt, B, C = torch.split(getattr(self, f"x_proj_{k}")(x.transpose(1, 2)),
                                    [self.dt_rank, self.d_state, self.d_state], dim=2)
             dt_proj = getattr(self, f"dt_proj_{k}")

@@ -18,138 +18,20 @@ lanes of a vector and does a whole time step in registers and L1.
 - exp2 is a degree-7 polynomial (relative error about 1e-7) and softplus's log1p a series in fp32;
   the float64 path (for gradcheck) calls libm per lane.
 
-The kernel is compiled on first use with the C compiler ($CC, else cc) into a cache folder
-($NAS_CACHE_DIR, else $XDG_CACHE_HOME/scan-direction-nas, else ~/.cache/scan-direction-nas), one file
-per source, compiler and machine, written atomically, so concurrent processes and later runs share it.
-Without a compiler the "auto" backend uses the PyTorch scan instead, and says why once.
+The kernel is built on first use by ``nas.ops.cpu_kernels``; where it cannot be, "auto" uses the
+PyTorch scan.
 """
 from __future__ import annotations
-
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from nas.atomic import WriteError, atomic_write
-from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
+from nas.ops.cpu_kernels import library
 from nas.ops.selective_scan import compute_dtype
 
-log = logging.getLogger(__name__)
-
-SOURCES = (Path(__file__).parent / "csrc" / "scan_cpu.c", Path(__file__).parent / "csrc" / "scan_cpu_body.h")
-FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-pthread",
-         f"-DLOG2E={LOG2E!r}", f"-DSOFTPLUS_THRESHOLD={SOFTPLUS_THRESHOLD!r}"]
-# -march=native lets the compiler use the machine's widest vectors; tried first, dropped if refused
-NATIVE = ["-march=native"]
 # Below this many (batch, group) items the channels of a group are split into blocks, so that every
 # thread has work; a shape-only rule, so that results do not depend on the thread count.
 MIN_ITEMS = 16
-
-
-def cache_dir() -> Path:
-    if os.environ.get("NAS_CACHE_DIR"):
-        return Path(os.environ["NAS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "scan-direction-nas"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC", "cc")
-    return shutil.which(cc)
-
-
-def _compile(cc: str, out: Path, extra: tuple[str, ...]) -> None:
-    """Compile the kernel in a temporary folder, then write it to `out` atomically (concurrent builders
-    each write a whole file; a reader never loads half of one)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        so = Path(tmp) / "scan_cpu.so"
-        error = ""
-        for native in (NATIVE, []):
-            cmd = [cc, *FLAGS, *native, *extra, str(SOURCES[0]), "-o", str(so), "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if done.returncode == 0:
-                break
-            error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        else:
-            raise OSError(f"{os.environ.get('CC', 'cc')} failed: {error}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_write(str(out), "wb") as f:
-                f.write(so.read_bytes())
-        except WriteError as e:
-            raise OSError(str(e)) from None
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux), so that a cache shared by machines keeps one build per CPU kind."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def build(directory: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The kernel compiled with FLAGS (+ `extra`) into `directory` (reused when already there), loaded.
-    Raises OSError naming the problem."""
-    cc = _compiler()
-    if cc is None:
-        raise OSError(f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on PATH; set CC)")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256()
-        for part in [*(p.read_bytes() for p in SOURCES), " ".join(FLAGS + NATIVE + list(extra)).encode(),
-                     version.encode(), platform.machine().encode(), _cpu_flags().encode()]:
-            key.update(part)
-        path = Path(directory) / f"scan_cpu-{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            _compile(cc, path, extra)
-    except subprocess.SubprocessError as e:
-        raise OSError(f"{os.environ.get('CC', 'cc')} failed: {e}") from None
-    lib = ctypes.CDLL(str(path))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suffix in ("f32", "f64"):
-        fwd, bwd = getattr(lib, f"scan_forward_{suffix}"), getattr(lib, f"scan_backward_{suffix}")
-        fwd.argtypes = [p] * 10 + [i64] * 7 + [i32] * 2
-        bwd.argtypes = [p] * 18 + [i64] * 7 + [i32] * 2
-        fwd.restype = bwd.restype = i32
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The kernel from the cache folder (built if needed), or None and the reason it is not available."""
-    try:
-        return build(cache_dir()), ""
-    except OSError as e:
-        return None, str(e)
-
-
-def cpu_kernel_available() -> bool:
-    return _load()[0] is not None
-
-
-def cpu_kernel_problem() -> str:
-    """Why the kernel is not available ('' when it is)."""
-    return _load()[1]
-
-
-@functools.lru_cache(maxsize=None)
-def note_fallback() -> None:
-    """Say once per process that the PyTorch scan stands in for the kernel, and why."""
-    log.warning("scan: no compiled CPU kernel (%s); using the slower PyTorch scan (backend 'torch')",
-                cpu_kernel_problem())
 
 
 def _blocks(batch: int, G: int, dg: int, lanes: int) -> tuple[int, int]:
@@ -174,7 +56,7 @@ class SelectiveScanCpuFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         ct = compute_dtype(u.dtype)
         suffix = "f64" if ct == torch.float64 else "f32"
-        lib = _load()[0]
+        lib = library()[0]
         batch, dim, L = u.shape
         B4, C4 = ((X.unsqueeze(1) if X.dim() == 3 else X) for X in (B, C))
         x, d, Ac, B4, C4, Dc, zc, bias = (None if t is None else t.to(ct).contiguous()
@@ -212,7 +94,7 @@ class SelectiveScanCpuFn(torch.autograd.Function):
         gD = None if Dc is None else torch.empty((batch, dim), dtype=ct)
         g_bias = None if bias is None else torch.empty((batch, dim), dtype=ct)
         gB, gC = torch.empty((2, nblocks, batch, G, N, L), dtype=ct).unbind(0)
-        _check(getattr(_load()[0], f"scan_backward_{suffix}")(
+        _check(getattr(library()[0], f"scan_backward_{suffix}")(
             x.data_ptr(), d.data_ptr(), Ac.data_ptr(), B4.data_ptr(), C4.data_ptr(), _ptr(Dc), _ptr(zc), _ptr(bias),
             gy.data_ptr(), _ptr(g_last), gu.data_ptr(), gdelta.data_ptr(), _ptr(gz), gA.data_ptr(), _ptr(gD),
             _ptr(g_bias), gB.data_ptr(), gC.data_ptr(), batch, G, dim // G, L, N, nblocks, block, softplus,

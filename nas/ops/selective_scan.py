@@ -125,17 +125,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda" and triton_available():
             return "triton"
         if device.type == "cpu":
-            from nas.ops.scan_cpu import cpu_kernel_available, note_fallback
-            if cpu_kernel_available():
+            from nas.ops import cpu_kernels
+            if cpu_kernels.available():
                 return "cpu"
-            note_fallback()
+            cpu_kernels.note_fallback()
         return "torch"
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend: 'cpu' needs CPU tensors (got {device.type}); use backend='auto'")
-        from nas.ops.scan_cpu import cpu_kernel_available, cpu_kernel_problem
-        if not cpu_kernel_available():
-            raise ValueError(f"backend: 'cpu' is not available here ({cpu_kernel_problem()}); use backend='torch'")
+        from nas.ops import cpu_kernels
+        if not cpu_kernels.available():
+            raise ValueError(f"backend: 'cpu' is not available here ({cpu_kernels.problem()}); use backend='torch'")
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend: 'triton' needs the triton package, which is not installed; use backend='torch'")

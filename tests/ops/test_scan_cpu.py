@@ -15,10 +15,11 @@ import torch
 from test_selective_scan import ALL_OPTS, FORWARD_CASES, NAMES, RTOL, ATOL, grads, make_inputs, recurrence64, scan
 
 import nas.ops.scan_cpu as scan_cpu
+from nas.ops import cpu_kernels
 from nas.ops.selective_scan import resolve_backend, selective_scan
 
-if not scan_cpu.cpu_kernel_available():  # pragma: no cover - the CI machine has a compiler
-    pytest.skip(f"no CPU kernel: {scan_cpu.cpu_kernel_problem()}", allow_module_level=True)
+if not cpu_kernels.available():  # pragma: no cover - the CI machine has a compiler
+    pytest.skip(f"no CPU kernel: {cpu_kernels.problem()}", allow_module_level=True)
 
 
 # The forward cases of the torch backend, plus: 20 channels per group (a vector of 16 and a tail of 4),
@@ -161,8 +162,8 @@ def test_inf_and_nan_like_the_reference():
 def test_portable_build_without_avx512(tmp_path, monkeypatch):
     """The vector-extension code every machine without AVX-512 runs (exp2 by exponent bits, scalar
     transposes), built here with AVX-512 switched off."""
-    lib = scan_cpu.build(tmp_path, ("-mno-avx512f",))
-    monkeypatch.setattr(scan_cpu, "_load", lambda: (lib, ""))
+    lib = cpu_kernels.build(tmp_path, ("-mno-avx512f",))
+    monkeypatch.setattr(scan_cpu, "library", lambda: (lib, ""))
     x = make_inputs(3, 40, 37, 5, 2, seed=11)
     y_want, h_want = recurrence64(x, ALL_OPTS, True)
     y, h = scan(x, ALL_OPTS, True, "cpu", return_last=True)
@@ -174,10 +175,10 @@ def test_portable_build_without_avx512(tmp_path, monkeypatch):
 
 
 def test_build_is_cached_and_atomic(tmp_path):
-    scan_cpu.build(tmp_path)
-    (so,) = tmp_path.glob("scan_cpu-*.so")
+    cpu_kernels.build(tmp_path)
+    (so,) = tmp_path.glob("cpu_kernels-*.so")
     mtime = so.stat().st_mtime_ns
-    scan_cpu.build(tmp_path)
+    cpu_kernels.build(tmp_path)
     assert so.stat().st_mtime_ns == mtime and sorted(tmp_path.iterdir()) == [so]  # no temporary left behind
 
 
@@ -185,12 +186,12 @@ def test_build_is_cached_and_atomic(tmp_path):
 def no_kernel(monkeypatch, tmp_path):
     """A fresh process's view with the given CC: the cache folder empty, the kernel not loaded yet."""
     monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path))
-    scan_cpu._load.cache_clear()
-    scan_cpu.note_fallback.cache_clear()
+    cpu_kernels.library.cache_clear()
+    cpu_kernels.note_fallback.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    scan_cpu._load.cache_clear()
-    scan_cpu.note_fallback.cache_clear()
+    cpu_kernels.library.cache_clear()
+    cpu_kernels.note_fallback.cache_clear()
 
 
 @pytest.mark.parametrize("cc,problem", [
@@ -203,12 +204,12 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(no_kernel, cc, prob
     with pytest.raises(ValueError, match=re.escape(f"backend: 'cpu' is not available here ({problem}); "
                                                    "use backend='torch'")):
         scan(x, (), True, "cpu")
-    with caplog.at_level(logging.WARNING, logger="nas.ops.scan_cpu"):
+    with caplog.at_level(logging.WARNING, logger="nas.ops.cpu_kernels"):
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
         torch.testing.assert_close(scan(x, (), True, "auto"), scan(x, (), True, "ref"))
-    notes = [r.getMessage() for r in caplog.records if r.name == "nas.ops.scan_cpu"]
-    assert notes == [f"scan: no compiled CPU kernel ({problem}); using the slower PyTorch scan (backend 'torch')"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "nas.ops.cpu_kernels"]
+    assert notes == [f"no compiled CPU kernels ({problem}); using the slower PyTorch scan (backend 'torch') and conv"]
 
 
 def test_auto_picks_the_kernel_on_cpu():

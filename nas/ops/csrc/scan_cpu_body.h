@@ -255,46 +255,21 @@ static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t it
         }
 }
 
-typedef struct {
-    const NAME(job) *job;
-    int64_t first, end;
-    int backward, ok;
-} NAME(range);
-
-static void *NAME(run_range)(void *arg) {
-    NAME(range) *r = arg;
+static int NAME(forward_range)(void *ctx, int64_t first, int64_t end) {
+    const NAME(job) *j = ctx;
     NAME(scratch) s;
-    r->ok = NAME(scratch_alloc)(&s, r->job->L, r->job->N, r->backward);
-    if (r->ok)
-        for (int64_t i = r->first; i < r->end; i++) {
-            if (r->backward) NAME(backward_item)(r->job, &s, i);
-            else NAME(forward_item)(r->job, &s, i);
-        }
+    int ok = NAME(scratch_alloc)(&s, j->L, j->N, 0);
+    for (int64_t i = first; ok && i < end; i++) NAME(forward_item)(j, &s, i);
     NAME(scratch_free)(&s);
-    return NULL;
+    return ok ? 0 : -1;
 }
 
-/* Runs every item, split into `threads` contiguous ranges. Returns 0, or -1 if memory ran out. */
-static int NAME(run)(const NAME(job) *j, int backward, int threads) {
-    int64_t items = j->batch * j->G * j->nblocks;
-    if (threads > items) threads = (int)items;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    NAME(range) r[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int i = 0; i < threads; i++) {
-        r[i] = (NAME(range)){j, items * i / threads, items * (i + 1) / threads, backward, 0};
-        if (i > 0) started[i] = pthread_create(&tid[i], NULL, NAME(run_range), &r[i]) == 0;
-    }
-    for (int i = 1; i < threads; i++)
-        if (!started[i]) NAME(run_range)(&r[i]); /* no thread to be had: run it here */
-    NAME(run_range)(&r[0]);
-    int ok = r[0].ok;
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(tid[i], NULL);
-        ok = ok && r[i].ok;
-    }
+static int NAME(backward_range)(void *ctx, int64_t first, int64_t end) {
+    const NAME(job) *j = ctx;
+    NAME(scratch) s;
+    int ok = NAME(scratch_alloc)(&s, j->L, j->N, 1);
+    for (int64_t i = first; ok && i < end; i++) NAME(backward_item)(j, &s, i);
+    NAME(scratch_free)(&s);
     return ok ? 0 : -1;
 }
 
@@ -304,7 +279,7 @@ int NAME(scan_forward)(const REAL *u, const REAL *delta, const REAL *A, const RE
                        int64_t block, int softplus, int threads) {
     NAME(job) j = {u, delta, A, B, C, D, z, bias, NULL, NULL, y, last, NULL, NULL, NULL, NULL, NULL, NULL,
                    NULL, NULL, batch, G, dg, L, N, nblocks, block, softplus};
-    return NAME(run)(&j, 0, threads);
+    return parallel_for(batch * G * nblocks, threads, NAME(forward_range), &j);
 }
 
 int NAME(scan_backward)(const REAL *u, const REAL *delta, const REAL *A, const REAL *B, const REAL *C,
@@ -314,5 +289,5 @@ int NAME(scan_backward)(const REAL *u, const REAL *delta, const REAL *A, const R
                         int64_t nblocks, int64_t block, int softplus, int threads) {
     NAME(job) j = {u, delta, A, B, C, D, z, bias, gy, g_last, NULL, NULL, gu, gdelta, gz, gA, gD, gbias,
                    gB, gC, batch, G, dg, L, N, nblocks, block, softplus};
-    return NAME(run)(&j, 1, threads);
+    return parallel_for(batch * G * nblocks, threads, NAME(backward_range), &j);
 }

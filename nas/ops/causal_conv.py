@@ -1,0 +1,69 @@
+"""The causal depthwise conv1d + SiLU at the head of every Mamba mixer, by the compiled CPU kernel.
+
+PyTorch's depthwise conv1d backward on CPU takes several times the pass over memory it needs (in the
+demo supernet's step it was the largest cost after the scan), so on CPU tensors this runs
+``csrc/causal_conv_cpu.c``: one row (batch element, channel) per work item, time in the lanes of a
+vector, the SiLU fused, its backward recomputing the conv. Elsewhere (CUDA, bf16, no compiler) it is
+PyTorch's conv, which is also the reference the kernel is tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from nas.ops import cpu_kernels
+
+
+def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(conv1d(x, weight, bias, padding=k - 1, groups=C)[..., :S]) in PyTorch."""
+    return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("causal conv: the CPU kernel could not allocate its work buffers")
+
+
+class CausalConvSiluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        batch, C, S = x.shape
+        k = weight.shape[-1]
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        xc, w = x.contiguous(), weight.reshape(C, k).contiguous()
+        b = None if bias is None else bias.contiguous()
+        y = torch.empty_like(xc)
+        lib = cpu_kernels.library()[0]
+        _check(getattr(lib, f"conv_forward_{suffix}")(xc.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
+                                                      y.data_ptr(), batch * C, C, S, k, torch.get_num_threads()))
+        ctx.save_for_backward(xc, w, b)
+        ctx.weight_shape, ctx.suffix = weight.shape, suffix
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        xc, w, b = ctx.saved_tensors
+        batch, C, S = xc.shape
+        k = w.shape[1]
+        gy = gy.to(xc.dtype).contiguous()
+        gx = torch.empty_like(xc)
+        gw = xc.new_empty((batch, C, k))  # per batch element, summed below
+        gb = None if b is None else xc.new_empty((batch, C))
+        _check(getattr(cpu_kernels.library()[0], f"conv_backward_{ctx.suffix}")(
+            xc.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), gy.data_ptr(), gx.data_ptr(),
+            gw.data_ptr(), None if gb is None else gb.data_ptr(), batch * C, C, S, k, torch.get_num_threads()))
+        return gx, gw.sum(0).view(ctx.weight_shape), None if gb is None else gb.sum(0)
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal depthwise conv1d): x (batch, C, S), weight (C, 1, k) (nn.Conv1d's depthwise layout),
+    bias (C,) or None -> (batch, C, S), out[t] = silu(bias + sum_j weight[:, 0, j] x[t - (k - 1) + j]).
+
+    The CPU kernel for fp32 / float64 CPU tensors when it builds here, else ``causal_conv1d_silu_ref``."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if (all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors) and x.dtype in (torch.float32, torch.float64)
+            and cpu_kernels.available()):
+        return CausalConvSiluFn.apply(x, weight, bias)
+    return causal_conv1d_silu_ref(x, weight, bias)
