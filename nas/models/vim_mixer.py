@@ -100,8 +100,8 @@ class LocalVimMixer(nn.Module):
         S = table.shape[1]
         # x and z each read channel-major from the small source into (batch, K, Di, S) contiguous blocks,
         # which the conv and the scan take without another copy
-        src = xz.transpose(1, 2).unsqueeze(1).expand(batch, K, 2 * Di, n_src)
-        x, z = gather_steps(src[:, :, :Di], table), gather_steps(src[:, :, Di:], table)
+        x, z = (gather_steps(half.unsqueeze(1).expand(batch, K, Di, n_src), table)
+                for half in xz.transpose(1, 2).split(Di, dim=1))
         conv_w = torch.cat([getattr(self, f"conv1d_{k}").weight for k in slots])
         conv_b = torch.cat([getattr(self, f"conv1d_{k}").bias for k in slots])
         x = causal_conv1d_silu(x.reshape(batch, K * Di, S), conv_w, conv_b).view(batch, K, Di, S)

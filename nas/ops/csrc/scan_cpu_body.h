@@ -131,20 +131,23 @@ static void NAME(load_channels)(const NAME(job) *j, NAME(scratch) *s, int64_t b,
 /* The item's first channel, one past its last, and the offset of its (b, g) slice of B and C. */
 #define ITEM_SETUP(j, item)                                                                    \
     int64_t k = (item) % (j)->nblocks, bg = (item) / (j)->nblocks;                            \
-    int64_t b = bg / (j)->G, g = bg % (j)->G, L = (j)->L, N = (j)->N;                         \
+    int64_t b = bg / (j)->G, g = bg % (j)->G, L = (j)->L, N = n_states;                      \
     int64_t dim = (j)->G * (j)->dg, ch0 = g * (j)->dg + k * (j)->block;                        \
     int64_t ch1 = g * (j)->dg + ((k + 1) * (j)->block < (j)->dg ? (k + 1) * (j)->block : (j)->dg); \
     size_t bc = (size_t)((b * (j)->G + g) * N * L)
 
-static void NAME(forward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t item) {
+/* n_states is j->N; a constant 16 where the caller knows it, so that the compiler unrolls the loops over
+ * the state and keeps the state in registers */
+static inline __attribute__((always_inline)) void NAME(forward_item_n)(const NAME(job) *j, NAME(scratch) *s,
+                                                                        int64_t item, const int64_t n_states) {
     ITEM_SETUP(j, item);
     NAME(transpose)(j->B + bc, s->Bt, N, L);
     NAME(transpose)(j->C + bc, s->Ct, N, L);
     for (int64_t c0 = ch0; c0 < ch1; c0 += W) {
         int64_t nl = ch1 - c0 < W ? ch1 - c0 : W;
         NAME(load_channels)(j, s, b, c0, nl, 0);
-        VEC Dv = NAME(load_vec)(j->D ? j->D + c0 : NULL, nl, 0), *h = s->h;
-        memset(h, 0, (size_t)N * sizeof(VEC));
+        VEC Dv = NAME(load_vec)(j->D ? j->D + c0 : NULL, nl, 0), h[N];
+        memset(h, 0, sizeof h);
         for (int64_t t = 0; t < L; t++) {
             VEC dtv = s->dtt[t], dtx = dtv * s->ut[t], y = {0};
             const REAL *Bt = s->Bt + t * N, *Ct = s->Ct + t * N;
@@ -165,7 +168,8 @@ static void NAME(forward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t ite
     }
 }
 
-static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t item) {
+static inline __attribute__((always_inline)) void NAME(backward_item_n)(const NAME(job) *j, NAME(scratch) *s,
+                                                                         int64_t item, const int64_t n_states) {
     ITEM_SETUP(j, item);
     NAME(transpose)(j->B + bc, s->Bt, N, L);
     NAME(transpose)(j->C + bc, s->Ct, N, L);
@@ -206,9 +210,9 @@ static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t it
             gDv += gy * s->ut[t];
         }
         /* the adjoint backwards in time: carry = a_{t+1} * dL/dh_{t+1}, starting from dL/dh_{L-1} */
-        VEC *carry = s->h, *gA = s->acc, gbv = {0};
-        memset(carry, 0, (size_t)N * sizeof(VEC));
-        memset(gA, 0, (size_t)N * sizeof(VEC));
+        VEC carry[N], gA[N], gbv = {0};
+        memset(carry, 0, sizeof carry);
+        memset(gA, 0, sizeof gA);
         if (j->g_last)
             for (int64_t l = 0; l < nl; l++)
                 for (int64_t n = 0; n < N; n++) carry[n][l] = j->g_last[(b * dim + c0 + l) * N + n];
@@ -253,6 +257,16 @@ static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t it
             j->gB[out + n * L + t] = sb;
             j->gC[out + n * L + t] = sc;
         }
+}
+
+static void NAME(forward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t item) {
+    if (j->N == 16) NAME(forward_item_n)(j, s, item, 16);
+    else NAME(forward_item_n)(j, s, item, j->N);
+}
+
+static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t item) {
+    if (j->N == 16) NAME(backward_item_n)(j, s, item, 16);
+    else NAME(backward_item_n)(j, s, item, j->N);
 }
 
 static int NAME(forward_range)(void *ctx, int64_t first, int64_t end) {
