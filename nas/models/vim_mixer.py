@@ -22,7 +22,7 @@ from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
 from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_steps, multi_direction_scan, scan_tables, selective_scan,
-                     take_steps, undo_scan)
+                     undo_scan)
 from nas.ops.causal_conv import causal_conv1d_silu
 
 
@@ -87,11 +87,11 @@ class LocalVimMixer(nn.Module):
     def forward(self, hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         xz = self.in_proj(hidden)
         ys = self._scan_batched(xz, grid) if self.batched else self._scan_loop(xz, grid)
-        ys = self.attn(ys.transpose(2, 3))  # (batch, K, L_src, d_inner)
+        ys = self.attn(ys)  # (batch, K, L_src, d_inner)
         return self.out_proj(self.multi_scan.merge(ys))
 
     def _scan_batched(self, xz: torch.Tensor, grid) -> torch.Tensor:
-        """xz (batch, L_src, 2*d_inner) -> y (batch, K, d_inner, L_src), all directions in one scan call."""
+        """xz (batch, L_src, 2*d_inner) -> y (batch, K, L_src, d_inner), all directions in one scan call."""
         batch, n_src, _ = xz.shape
         slots = self.multi_scan.slots()
         K, Di, N, R = len(slots), self.d_inner, self.d_state, self.dt_rank
@@ -111,7 +111,8 @@ class LocalVimMixer(nn.Module):
         A = -torch.exp(self._stacked("A_log_{}", slots).float())
         y = multi_direction_scan(x, dt, A, B, C, self._stacked("D_{}", slots).float(), z,
                                  self._stacked("dt_proj_{}.bias", slots).float(), True, backend=self.backend)
-        return take_steps(y, inverse)  # back to source order
+        # back to source order, token-major: SCAttn and the merge then read contiguous rows
+        return torch.gather(y.transpose(2, 3), 2, inverse[None, :, :, None].expand(batch, K, inverse.shape[1], Di))
 
     def _scan_loop(self, xz: torch.Tensor, grid) -> torch.Tensor:
         """The per-direction loop over permuted copies (LocalMamba's structure): the oracle."""
@@ -142,4 +143,4 @@ class LocalVimMixer(nn.Module):
             if c is not None:
                 y = torch.cat([y[..., :c], cls_y, y[..., c:]], dim=-1)
             outs.append(y)
-        return torch.stack(outs, dim=1)
+        return torch.stack(outs, dim=1).transpose(2, 3)
