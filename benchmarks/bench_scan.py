@@ -106,8 +106,8 @@ def cpu_child(variant, shape, mode, reps):
 
 
 def run_cpu(args):
-    from nas.ops.scan_cpu import cpu_kernel_available
-    variants = CPU_VARIANTS if cpu_kernel_available() else CPU_VARIANTS[:-1]
+    from nas.ops import cpu_kernels
+    variants = CPU_VARIANTS if cpu_kernels.available() else CPU_VARIANTS[:-1]
     rows = []
     for shape in CPU_SHAPES:
         for mode in ("fwd", "fwdbwd"):

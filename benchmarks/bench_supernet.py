@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from bench_common import (current_rss_kb, cpu_throughput, environment, mambapy_selective_scan,  # noqa: E402
                           scan_floor_ms)
 import nas.ops.scan_cpu as scan_cpu  # noqa: E402
+from nas.ops import cpu_kernels  # noqa: E402
 import nas.ops.scan_torch as scan_torch  # noqa: E402
 from nas.models import count_parameters, create_model, set_batched, split_parameters  # noqa: E402
 from nas.ops import scan_tables  # noqa: E402
@@ -150,7 +151,7 @@ def child(spec: dict) -> dict:
     # the recorder stands in for the backend's scan function (selective_scan looks it up at each call); the
     # mambapy path swaps mambapy's scan in under the torch backend
     backend = INTERPRET_BACKEND if spec["device"] == "interpret" else BACKEND[spec["path"]]
-    module = scan_cpu if backend == "auto" and device.type == "cpu" and scan_cpu.cpu_kernel_available() else scan_torch
+    module = scan_cpu if backend == "auto" and device.type == "cpu" and cpu_kernels.available() else scan_torch
     name = "selective_scan_cpu" if module is scan_cpu else "selective_scan_torch"
     recorder = ScanRecorder(mambapy_selective_scan if spec["path"] == "mambapy" else getattr(module, name))
     setattr(module, name, recorder)
@@ -267,7 +268,7 @@ def run_layers(args, rates) -> list[dict]:
     """The scan alone at layer shapes, fwd + bwd, same inputs: the compiled kernel (when it builds here), our
     PyTorch scan and mambapy's, each through multi_direction_scan."""
     fns = {"torch": scan_torch.selective_scan_torch, "mambapy": mambapy_selective_scan}
-    if scan_cpu.cpu_kernel_available():
+    if cpu_kernels.available():
         fns = {"cpu": scan_cpu.selective_scan_cpu, **fns}
     ours = next(iter(fns))
     print(f"\n{'layer (scan alone, fwd+bwd)':30s} " + " ".join(f"{k + ' ms':>10s}" for k in fns)
@@ -328,7 +329,7 @@ def main():
         torch.set_num_threads(args.threads)
     env = environment(TENSOR_DEVICE[args.device] if args.device != "interpret" else "cpu")
     if args.device == "cpu":
-        env["cpu_kernel"] = scan_cpu.cpu_kernel_problem() or "built"
+        env["cpu_kernel"] = cpu_kernels.problem() or "built"
     rates = None
     if args.device == "cpu":
         rates = cpu_throughput()

@@ -3,8 +3,8 @@
 Same semantics as ``selective_scan_ref`` (see ``nas.ops.selective_scan``). Why a compiled kernel: the
 PyTorch backend (``nas.ops.scan_torch``) runs a handful of PyTorch ops per time step, and on a CPU each
 op's fixed cost and its pass through memory, not the arithmetic, set its time (about 5x the time of
-the exponentials and multiply-adds it must do). The kernel keeps the state of 16 channels in the
-lanes of a vector and does a whole time step in registers and L1.
+the exponentials and multiply-adds it must do). The kernel keeps the state of 16 channels (8 without
+AVX-512) in the lanes of a vector and does a whole time step in registers and L1.
 
 - One pass does everything: delta's bias and softplus, the recurrence, the D term and the z gate
   forward; the backward recomputes the forward and returns the gradient of every input. Done as
@@ -13,7 +13,7 @@ lanes of a vector and does a whole time step in registers and L1.
   Each item writes only its own outputs (per batch element for gA, per channel block for gB and gC,
   summed here), so the result is the same for any thread count.
 - The backward recomputes the forward of one channel vector at a time and keeps its L states and
-  decays (16 lanes x N x L values: 64 KB at the demo's N 16, L 64); nothing of size (batch, D, L, N)
+  decays (one vector x N x L values: 64 KB at the demo's N 16, L 64); nothing of size (batch, D, L, N)
   is ever stored.
 - exp2 is a degree-7 polynomial (relative error about 1e-7) and softplus's log1p a series in fp32;
   the float64 path (for gradcheck) calls libm per lane.

@@ -2,6 +2,8 @@
 gradient on random inputs, rows shorter than the kernel and not a multiple of a vector, no bias, a strided
 input, gradcheck in float64, the same bits on any thread count, and the fallback where there is no kernel.
 fp32 tolerances: rtol 1e-5, atol 1e-5 (a sum of 4 products and a sigmoid)."""
+import platform
+
 import pytest
 import torch
 
@@ -80,3 +82,14 @@ def test_pytorch_conv_without_the_kernel_or_for_bf16(monkeypatch):
     y = causal_conv1d_silu(x, w, b)
     assert "CausalConvSilu" not in type(y.grad_fn).__name__
     assert torch.equal(y, causal_conv1d_silu_ref(x, w, b))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_portable_build_without_avx512(tmp_path, monkeypatch):
+    lib = cpu_kernels.build(tmp_path, ("-mno-avx512f",))
+    monkeypatch.setattr(cpu_kernels, "library", lambda: (lib, ""))
+    x, w, b = inputs(2, 6, 37, 4)
+    y, y_ref = causal_conv1d_silu(x, w, b), causal_conv1d_silu_ref(x, w, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(y, (x, w, b)), grads(y_ref, (x, w, b))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

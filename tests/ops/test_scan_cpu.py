@@ -159,10 +159,12 @@ def test_inf_and_nan_like_the_reference():
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
-def test_portable_build_without_avx512(tmp_path, monkeypatch):
-    """The vector-extension code every machine without AVX-512 runs (exp2 by exponent bits, scalar
-    transposes), built here with AVX-512 switched off."""
-    lib = cpu_kernels.build(tmp_path, ("-mno-avx512f",))
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")], ids=["avx2", "sse"])
+def test_portable_build_without_avx512(tmp_path, monkeypatch, flags):
+    """The code every machine without AVX-512 runs (8-lane vectors, exp2 by exponent bits, scalar
+    transposes), built here with AVX-512 (and AVX2) switched off."""
+    lib = cpu_kernels.build(tmp_path, flags)
+    assert lib.lanes_f32() == 8
     monkeypatch.setattr(scan_cpu, "library", lambda: (lib, ""))
     x = make_inputs(3, 40, 37, 5, 2, seed=11)
     y_want, h_want = recurrence64(x, ALL_OPTS, True)

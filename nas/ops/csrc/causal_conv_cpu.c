@@ -5,7 +5,7 @@
 #include "vec_math.h"
 
 #define REAL float
-#define W 16
+#define W WF
 #define VEC vf
 #define SIGMOIDV sigmoid_vf
 #define NAME(x) x##_f32
@@ -17,7 +17,7 @@
 #undef NAME
 
 #define REAL double
-#define W 8
+#define W WD
 #define VEC vd
 #define SIGMOIDV sigmoid_vd
 #define NAME(x) x##_f64

@@ -8,7 +8,7 @@
 #include "vec_math.h"
 
 #define REAL float
-#define W 16
+#define W WF
 #define VEC vf
 #define EXP2V exp2_vf
 #define SIGMOIDV sigmoid_vf
@@ -28,7 +28,7 @@
 #undef TRANSPOSE16
 
 #define REAL double
-#define W 8
+#define W WD
 #define VEC vd
 #define EXP2V exp2_vd
 #define SIGMOIDV sigmoid_vd
@@ -37,5 +37,5 @@
 #include "scan_cpu_body.h"
 
 /* the lane count of each type, for the caller's channel blocks */
-int lanes_f32(void) { return 16; }
-int lanes_f64(void) { return 8; }
+int lanes_f32(void) { return WF; }
+int lanes_f64(void) { return WD; }

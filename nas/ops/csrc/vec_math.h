@@ -17,9 +17,17 @@
 
 static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
-/* float: 16 lanes (one AVX-512 register, two AVX2 ones) */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+/* One vector is one register: 64 bytes with AVX-512, else 32 (AVX2; narrower SIMD takes two). A vector wider
+ * than the machine's registers compiles to spills and element-by-element compares, several times slower. */
+#ifdef __AVX512F__
+#define VBYTES 64
+#else
+#define VBYTES 32
+#endif
+#define WF (VBYTES / 4) /* float lanes */
+#define WD (VBYTES / 8) /* double lanes */
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
 
 static const vf ZERO_F = {0};
 
@@ -119,17 +127,17 @@ static inline vf softplus_vf(vf x, vf *grad) {
 }
 
 /* double (the float64 path, for gradcheck): libm lane by lane */
-typedef double vd __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(VBYTES)));
 
 static inline vd exp2_vd(vd x) {
     vd r = {0};
-    for (int l = 0; l < 8; l++) r[l] = exp2(x[l]);
+    for (int l = 0; l < WD; l++) r[l] = exp2(x[l]);
     return r;
 }
 
 static inline vd sigmoid_vd(vd x, vd *e_out) {
     vd r = {0}, e = {0};
-    for (int l = 0; l < 8; l++) {
+    for (int l = 0; l < WD; l++) {
         e[l] = exp(-fabs(x[l]));
         r[l] = x[l] < 0 ? e[l] / (1 + e[l]) : 1 / (1 + e[l]);
     }
@@ -139,7 +147,7 @@ static inline vd sigmoid_vd(vd x, vd *e_out) {
 
 static inline vd softplus_vd(vd x, vd *grad) {
     vd e, sg = sigmoid_vd(x, &e), r = {0};
-    for (int l = 0; l < 8; l++) {
+    for (int l = 0; l < WD; l++) {
         int above = x[l] > SOFTPLUS_THRESHOLD;
         r[l] = above ? x[l] : fmax(x[l], 0) + log1p(e[l]);
         (*grad)[l] = above ? 1 : sg[l];
