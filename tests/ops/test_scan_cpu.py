@@ -1,7 +1,8 @@
 """The compiled CPU kernel (backend "cpu") against the float64 recurrence and the reference: forward,
-every gradient (the last state's too), gradcheck in float64, bf16 inputs, tails of channels that do not
+every gradient (the last state's too), gradcheck in float64, tails of channels that do not
 fill a vector, split channel blocks, the same bits on any thread count, inf and NaN like the reference,
-the portable (non-AVX-512) build, and what happens without a compiler.
+the portable (non-AVX-512) builds, and what happens without a compiler. (bf16 inputs and an ungrouped B
+beside a grouped C: test_selective_scan.py, for both fast backends.)
 
 Inputs are random in realistic ranges (from test_selective_scan), never zeros. fp32 tolerances are
 mamba_ssm's (rtol 6e-4, atol 2e-3).
@@ -75,31 +76,6 @@ def test_gradcheck(batch, dim, groups, return_last):
         return selective_scan(*args, delta_softplus=True, return_last_state=return_last, backend="cpu")
 
     assert torch.autograd.gradcheck(f, tuple(x[n] for n in NAMES))
-
-
-def test_grads_ungrouped_B_with_single_group_C():
-    x = make_inputs(2, 4, 9, 3, groups=1, seed=5)
-    x["B"] = x["B"].detach()[:, 0].requires_grad_()  # (batch, N, L) next to C (batch, 1, N, L)
-    got, want = (grads(scan(x, ALL_OPTS, True, backend), x) for backend in ("cpu", "ref"))
-    for name in NAMES:
-        assert got[name].shape == x[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
-
-
-@pytest.mark.parametrize("groups", [None, 2])
-def test_bf16_inputs(groups):
-    x = make_inputs(2, 8, 37, 4, groups)
-    for k in ("u", "delta", "B", "C", "z"):
-        x[k] = x[k].detach().to(torch.bfloat16).requires_grad_()
-    y, h = scan(x, ALL_OPTS, True, "cpu", return_last=True)
-    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
-    y_ref, h_ref = scan(x, ALL_OPTS, True, "ref", return_last=True)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=3e-2, atol=5e-2)
-    torch.testing.assert_close(h, h_ref, rtol=3e-2, atol=5e-2)
-    got, want = grads((y, h), x), grads((y_ref, h_ref), x)
-    for name in NAMES:
-        assert got[name].dtype == x[name].dtype, name
-        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=3e-2, atol=5e-2, msg=name)
 
 
 def test_inputs_untouched_and_saved_tensors_reusable():

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import nas.ops.scan_torch as scan_torch
+from nas.ops import cpu_kernels
 from nas.ops.selective_scan import selective_scan
 
 RTOL, ATOL = 6e-4, 2e-3
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 ALL_OPTS = ("D", "z", "delta_bias")
+# the fast backends on CPU (the compiled kernel's own cases are in test_scan_cpu.py)
+FAST = ["torch"] + (["cpu"] if cpu_kernels.available() else [])
 
 
 def make_inputs(batch, dim, L, N, groups=None, seed=0, dtype=torch.float32, softplus=True):
@@ -136,10 +139,11 @@ def test_gradcheck_torch_backend(groups, return_last, monkeypatch):
     assert torch.autograd.gradcheck(f, tuple(x[n] for n in NAMES))
 
 
-def test_grads_ungrouped_B_with_single_group_C():
+@pytest.mark.parametrize("backend", FAST)
+def test_grads_ungrouped_B_with_single_group_C(backend):
     x = make_inputs(2, 4, 9, 3, groups=1, seed=5)
     x["B"] = x["B"].detach()[:, 0].requires_grad_()  # (batch, N, L) next to C (batch, 1, N, L)
-    got, want = (grads(scan(x, ALL_OPTS, True, backend), x) for backend in ("torch", "ref"))
+    got, want = (grads(scan(x, ALL_OPTS, True, b), x) for b in (backend, "ref"))
     for name in NAMES:
         assert got[name].shape == x[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
@@ -162,12 +166,13 @@ def test_torch_backend_partial_grads_no_grad_retain_graph_and_inputs_untouched(L
         assert torch.equal(v.detach(), before[k]), f"{k} was modified in place"
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("groups", [None, 2])
-def test_bf16_inputs(groups, chunk):
+def test_bf16_inputs(groups, chunk, backend):
     x = make_inputs(2, 8, 37, 4, groups)
     for k in ("u", "delta", "B", "C", "z"):
         x[k] = x[k].detach().to(torch.bfloat16).requires_grad_()
-    y, h = scan(x, ALL_OPTS, True, "torch", return_last=True)
+    y, h = scan(x, ALL_OPTS, True, backend, return_last=True)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
     y_ref, h_ref = scan(x, ALL_OPTS, True, "ref", return_last=True)
     assert y_ref.dtype == torch.bfloat16
