@@ -102,10 +102,12 @@ def test_a_retraining_folder_in_use_is_refused_naming_the_holder(run, capsys):
 
 
 def test_sigterm_mid_retraining_then_resume_equals_an_uninterrupted_retraining(run, tmp_path):
+    # batches of 4 (60 steps): the signal 0.5 s in lands mid-run, however fast the steps
+    retrain = RETRAIN + ["--train.batch_size", "4"]
     straight = str(tmp_path / "straight")
-    assert derive_main([run] + RETRAIN + ["--out", straight]) == 0
+    assert derive_main([run] + retrain + ["--out", straight]) == 0
     stopped = str(tmp_path / "stopped")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "derive.py"), run] + RETRAIN + ["--out", stopped],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "derive.py"), run] + retrain + ["--out", stopped],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if "writing to" in line:
@@ -117,7 +119,7 @@ def test_sigterm_mid_retraining_then_resume_equals_an_uninterrupted_retraining(r
     assert f"stopped by SIGTERM " in err and f"saved {stopped}/last.pt; the same command continues" in err, err
     loop = checkpoint.load(os.path.join(stopped, "last.pt"))["loop"]
     assert loop["batch"] > 0 or loop["partial"]["trained"] is not None, loop
-    assert derive_main([run] + RETRAIN + ["--out", stopped]) == 0
+    assert derive_main([run] + retrain + ["--out", stopped]) == 0
     a, b = (checkpoint.load(os.path.join(d, "last.pt")) for d in (stopped, straight))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6, msg=key)

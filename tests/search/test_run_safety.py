@@ -167,8 +167,10 @@ def _finish(proc, timeout: float = 300) -> tuple[int, str]:
 def test_a_signal_mid_epoch_checkpoints_the_step_and_the_resume_is_exact(tmp_path, strategy, sig, workers):
     # the first of two epochs: the stop, the rest of the epoch and its evaluation (epoch ends are tested in
     # test_search.py's resume tests)
+    # batches of 4: 30 steps an epoch, so that the signal 0.5 s in lands mid-epoch (with the compiled CPU
+    # kernels TINY's 5 steps of 24 can all be done by then)
     argv = TINY + ["--epochs", "2", "--train.stop_after_epochs", "1", "--strategy.name", strategy,
-                   "--strategy.alpha_lr", "0.05"]
+                   "--strategy.alpha_lr", "0.05", "--train.batch_size", "4"]
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     assert main(argv + ["--out", straight]) == 0
     # Ctrl-C reaches the whole process group, DataLoader workers included; a scheduler's SIGTERM the process
