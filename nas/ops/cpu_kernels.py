@@ -31,6 +31,7 @@ FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-p
 # -march=native lets the compiler use the machine's widest vectors; tried first, dropped if refused
 NATIVE = ["-march=native"]
 
+
 def cache_dir() -> Path:
     if os.environ.get("NAS_CACHE_DIR"):
         return Path(os.environ["NAS_CACHE_DIR"])
