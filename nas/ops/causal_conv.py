@@ -20,25 +20,17 @@ def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
 
 
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("causal conv: the CPU kernel could not allocate its work buffers")
-
-
 class CausalConvSiluFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         batch, C, S = x.shape
         k = weight.shape[-1]
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         xc, w = x.contiguous(), weight.reshape(C, k).contiguous()
         b = None if bias is None else bias.contiguous()
         y = torch.empty_like(xc)
-        lib = cpu_kernels.library()[0]
-        _check(getattr(lib, f"conv_forward_{suffix}")(xc.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
-                                                      y.data_ptr(), batch * C, C, S, k, torch.get_num_threads()))
+        cpu_kernels.run("conv_forward", x.dtype, xc, w, b, y, batch * C, C, S, k)
         ctx.save_for_backward(xc, w, b)
-        ctx.weight_shape, ctx.suffix = weight.shape, suffix
+        ctx.weight_shape = weight.shape
         return y
 
     @staticmethod
@@ -51,9 +43,7 @@ class CausalConvSiluFn(torch.autograd.Function):
         gx = torch.empty_like(xc)
         gw = xc.new_empty((batch, C, k))  # per batch element, summed below
         gb = None if b is None else xc.new_empty((batch, C))
-        _check(getattr(cpu_kernels.library()[0], f"conv_backward_{ctx.suffix}")(
-            xc.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), gy.data_ptr(), gx.data_ptr(),
-            gw.data_ptr(), None if gb is None else gb.data_ptr(), batch * C, C, S, k, torch.get_num_threads()))
+        cpu_kernels.run("conv_backward", xc.dtype, xc, w, b, gy, gx, gw, gb, batch * C, C, S, k)
         return gx, gw.sum(0).view(ctx.weight_shape), None if gb is None else gb.sum(0)
 
 

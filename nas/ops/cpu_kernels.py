@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from nas.atomic import WriteError, atomic_write
 from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
 
@@ -121,6 +123,24 @@ def available() -> bool:
 def problem() -> str:
     """Why the kernels are not available ('' when they are)."""
     return library()[1]
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    return "f64" if dtype == torch.float64 else "f32"
+
+
+def lanes(dtype: torch.dtype) -> int:
+    """Values of `dtype` in one vector of the built kernels (channels per vector of the scan)."""
+    return getattr(library()[0], f"lanes_{_suffix(dtype)}")()
+
+
+def run(name: str, dtype: torch.dtype, *args) -> None:
+    """Call kernel `name` ("scan_forward", "conv_backward", ...) in `dtype`'s version: tensors are passed as
+    their data pointers (None as NULL), then PyTorch's intra-op thread count (the run's choice, see
+    ``nas.engine.threads``). MemoryError if the kernel could not allocate its work buffers."""
+    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    if getattr(library()[0], f"{name}_{_suffix(dtype)}")(*ptrs, torch.get_num_threads()) != 0:
+        raise MemoryError(f"{name}: the CPU kernel could not allocate its work buffers")
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,8 +2,8 @@
 
 Same semantics as ``selective_scan_ref`` (see ``nas.ops.selective_scan``). Why a compiled kernel: the
 PyTorch backend (``nas.ops.scan_torch``) runs a handful of PyTorch ops per time step, and on a CPU each
-op's fixed cost and its pass through memory, not the arithmetic, set its time (about 5x the time of
-the exponentials and multiply-adds it must do). The kernel keeps the state of 16 channels (8 without
+op's fixed cost and its pass through memory, not the arithmetic, set its time (3.6x-3.8x the time of
+the exponentials and multiply-adds it must do, in benchmarks/results/bench_supernet_cpu.json). The kernel keeps the state of 16 channels (8 without
 AVX-512) in the lanes of a vector and does a whole time step in registers and L1.
 
 - One pass does everything: delta's bias and softplus, the recurrence, the D term and the z gate
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from nas.ops.cpu_kernels import library
+from nas.ops import cpu_kernels
 from nas.ops.selective_scan import compute_dtype
 
 # Below this many (batch, group) items the channels of a group are split into blocks, so that every
@@ -42,37 +42,24 @@ def _blocks(batch: int, G: int, dg: int, lanes: int) -> tuple[int, int]:
     return -(-dg // block), block
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("scan: the CPU scan kernel could not allocate its work buffers")
-
-
 class SelectiveScanCpuFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         ct = compute_dtype(u.dtype)
-        suffix = "f64" if ct == torch.float64 else "f32"
-        lib = library()[0]
         batch, dim, L = u.shape
         B4, C4 = ((X.unsqueeze(1) if X.dim() == 3 else X) for X in (B, C))
         x, d, Ac, B4, C4, Dc, zc, bias = (None if t is None else t.to(ct).contiguous()
                                           for t in (u, delta, A, B4, C4, D, z, delta_bias))
         G, N = B4.shape[1], A.shape[1]
-        nblocks, block = _blocks(batch, G, dim // G, getattr(lib, f"lanes_{suffix}")())
+        nblocks, block = _blocks(batch, G, dim // G, cpu_kernels.lanes(ct))
         y = torch.empty((batch, dim, L), dtype=ct)
         last = torch.empty((batch, dim, N), dtype=ct)
-        _check(getattr(lib, f"scan_forward_{suffix}")(
-            x.data_ptr(), d.data_ptr(), Ac.data_ptr(), B4.data_ptr(), C4.data_ptr(), _ptr(Dc), _ptr(zc), _ptr(bias),
-            y.data_ptr(), last.data_ptr(), batch, G, dim // G, L, N, nblocks, block, delta_softplus,
-            torch.get_num_threads()))
+        cpu_kernels.run("scan_forward", ct, x, d, Ac, B4, C4, Dc, zc, bias, y, last, batch, G, dim // G, L, N,
+                        nblocks, block, delta_softplus)
         ctx.save_for_backward(x, d, Ac, B4, C4, Dc, zc, bias)
         ctx.meta = (delta_softplus, [X.dim() for X in (B, C)],
                     [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias)],
-                    nblocks, block, suffix)
+                    nblocks, block)
         y = y.to(u.dtype)
         if not return_last_state:
             return y
@@ -82,7 +69,7 @@ class SelectiveScanCpuFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy, g_last=None):
         x, d, Ac, B4, C4, Dc, zc, bias = ctx.saved_tensors
-        softplus, bc_dims, dtypes, nblocks, block, suffix = ctx.meta
+        softplus, bc_dims, dtypes, nblocks, block = ctx.meta
         ct = x.dtype
         batch, dim, L = x.shape
         G, N = B4.shape[1], Ac.shape[1]
@@ -94,11 +81,8 @@ class SelectiveScanCpuFn(torch.autograd.Function):
         gD = None if Dc is None else torch.empty((batch, dim), dtype=ct)
         g_bias = None if bias is None else torch.empty((batch, dim), dtype=ct)
         gB, gC = torch.empty((2, nblocks, batch, G, N, L), dtype=ct).unbind(0)
-        _check(getattr(library()[0], f"scan_backward_{suffix}")(
-            x.data_ptr(), d.data_ptr(), Ac.data_ptr(), B4.data_ptr(), C4.data_ptr(), _ptr(Dc), _ptr(zc), _ptr(bias),
-            gy.data_ptr(), _ptr(g_last), gu.data_ptr(), gdelta.data_ptr(), _ptr(gz), gA.data_ptr(), _ptr(gD),
-            _ptr(g_bias), gB.data_ptr(), gC.data_ptr(), batch, G, dim // G, L, N, nblocks, block, softplus,
-            torch.get_num_threads()))
+        cpu_kernels.run("scan_backward", ct, x, d, Ac, B4, C4, Dc, zc, bias, gy, g_last, gu, gdelta, gz, gA, gD, g_bias,
+                        gB, gC, batch, G, dim // G, L, N, nblocks, block, softplus)
         # per batch element and per channel block -> totals
         gB, gC = (g[0] if nblocks == 1 else g.sum(0) for g in (gB, gC))
         gB, gC = (g.squeeze(1) if ndim == 3 else g for g, ndim in zip((gB, gC), bc_dims))

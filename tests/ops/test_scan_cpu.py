@@ -13,7 +13,8 @@ import re
 
 import pytest
 import torch
-from test_selective_scan import ALL_OPTS, FORWARD_CASES, NAMES, RTOL, ATOL, grads, make_inputs, recurrence64, scan
+from test_selective_scan import (ALL_OPTS, ATOL, FORWARD_CASES, NAMES, RTOL, assert_grads_close, grads, make_inputs,
+                                 recurrence64, scan)
 
 import nas.ops.scan_cpu as scan_cpu
 from nas.ops import cpu_kernels
@@ -59,12 +60,15 @@ def test_grads_match_ref(groups, dim, L, opts, softplus, return_last):
     x = make_inputs(2, dim, L, 4, groups, seed=L, softplus=softplus)
     got = grads(scan(x, opts, softplus, "cpu", return_last), x)
     want = grads(scan(x, opts, softplus, "ref", return_last), x)
-    for name in NAMES:
-        if want[name] is None:
-            assert got[name] is None, name
-            continue
-        assert got[name].dtype == x[name].dtype and got[name].shape == x[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_grads_close(got, want, x)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_grads_match_ref_at_the_state_size_compiled_in(groups):
+    """N = 16 has its own compiled copy of the item loops (the state in registers)."""
+    x = make_inputs(2, 40, 23, 16, groups, seed=9)
+    got = grads(scan(x, ALL_OPTS, True, "cpu", True), x)
+    assert_grads_close(got, grads(scan(x, ALL_OPTS, True, "ref", True), x), x)
 
 
 @pytest.mark.parametrize("batch,dim,groups", [(2, 4, None), (2, 4, 2), (1, 20, None)])
@@ -141,15 +145,14 @@ def test_portable_build_without_avx512(tmp_path, monkeypatch, flags):
     transposes), built here with AVX-512 (and AVX2) switched off."""
     lib = cpu_kernels.build(tmp_path, flags)
     assert lib.lanes_f32() == 8
-    monkeypatch.setattr(scan_cpu, "library", lambda: (lib, ""))
+    monkeypatch.setattr(cpu_kernels, "library", lambda: (lib, ""))
     x = make_inputs(3, 40, 37, 5, 2, seed=11)
     y_want, h_want = recurrence64(x, ALL_OPTS, True)
     y, h = scan(x, ALL_OPTS, True, "cpu", return_last=True)
     torch.testing.assert_close(y.double(), y_want, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(h.double(), h_want, rtol=RTOL, atol=ATOL)
     got, want = grads((y, h), x), grads(scan(x, ALL_OPTS, True, "ref", return_last=True), x)
-    for name in NAMES:
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_grads_close(got, want, x)
 
 
 def test_build_is_cached_and_atomic(tmp_path):

@@ -100,6 +100,16 @@ def test_forward_matches_float64_recurrence(batch, dim, L, N, groups, opts, soft
     torch.testing.assert_close(h.double(), h_want, rtol=RTOL, atol=ATOL)
 
 
+def assert_grads_close(got, want, x, rtol=RTOL, atol=ATOL):
+    """Every input's gradient: None where the reference has none, else x's dtype and shape and close."""
+    for name in NAMES:
+        if want[name] is None:
+            assert got[name] is None, name
+            continue
+        assert got[name].dtype == x[name].dtype and got[name].shape == x[name].shape, name
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+
+
 def grads(outs, x, seed=1):
     """Gradients of a random linear function of the outputs w.r.t. every input (None if unused)."""
     g = torch.Generator().manual_seed(seed)
@@ -119,12 +129,7 @@ def test_grads_match_ref(groups, L, opts, softplus, return_last, chunk):
     x = make_inputs(2, 8, L, 4, groups, seed=L, softplus=softplus)
     got = grads(scan(x, opts, softplus, "torch", return_last), x)
     want = grads(scan(x, opts, softplus, "ref", return_last), x)
-    for name in NAMES:
-        if want[name] is None:
-            assert got[name] is None, name
-            continue
-        assert got[name].dtype == x[name].dtype and got[name].shape == x[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_grads_close(got, want, x)
 
 
 @pytest.mark.parametrize("groups", [None, 2])
@@ -144,9 +149,7 @@ def test_grads_ungrouped_B_with_single_group_C(backend):
     x = make_inputs(2, 4, 9, 3, groups=1, seed=5)
     x["B"] = x["B"].detach()[:, 0].requires_grad_()  # (batch, N, L) next to C (batch, 1, N, L)
     got, want = (grads(scan(x, ALL_OPTS, True, b), x) for b in (backend, "ref"))
-    for name in NAMES:
-        assert got[name].shape == x[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_grads_close(got, want, x)
 
 
 @pytest.mark.parametrize("L", [1, 9])
@@ -179,9 +182,7 @@ def test_bf16_inputs(groups, chunk, backend):
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=3e-2, atol=5e-2)
     torch.testing.assert_close(h, h_ref, rtol=3e-2, atol=5e-2)
     got, want = grads((y, h), x), grads((y_ref, h_ref), x)
-    for name in NAMES:
-        assert got[name].dtype == x[name].dtype, name
-        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=3e-2, atol=5e-2, msg=name)
+    assert_grads_close(got, want, x, rtol=3e-2, atol=5e-2)
 
 
 def _bad(**changes):
@@ -251,9 +252,7 @@ def test_tiles_match_ref(batch, groups, rows, monkeypatch):
     for o, w, name in zip(outs, want_outs, ("y", "last state")):
         torch.testing.assert_close(o, w, rtol=RTOL, atol=ATOL, msg=name)
     got, want = grads(outs, x), grads(want_outs, x)
-    for name in NAMES:
-        assert got[name].shape == x[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_grads_close(got, want, x)
 
 
 def test_tiles_gradcheck(monkeypatch):

@@ -69,7 +69,7 @@ static VEC NAME(load_vec)(const REAL *src, int64_t nl, REAL fill) {
 typedef struct {
     REAL *Bt, *Ct;                          /* (L, N) */
     VEC *ut, *dtt, *zt, *gyt, *spg, *o1, *o2, *o3; /* (L) lanes */
-    VEC *A2, *Av, *h, *acc;                 /* (N) lanes */
+    VEC *A2, *Av;                           /* (N) lanes */
     VEC *H, *DA;                            /* (L + 1, N) states, (L, N) decays (backward) */
     VEC *gBa, *gCa;                         /* (L, N) lane-wise sums of gB, gC over the block (backward) */
 } NAME(scratch);
@@ -82,8 +82,8 @@ static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backw
     int ok = s->Bt && s->Ct;
     VEC **lanes[] = {&s->ut, &s->dtt, &s->zt, &s->gyt, &s->spg, &s->o1, &s->o2, &s->o3};
     for (int i = 0; i < 8; i++) ok = ok && (*lanes[i] = aligned_alloc(64, round64((size_t)L * sizeof(VEC))));
-    VEC **states[] = {&s->A2, &s->Av, &s->h, &s->acc};
-    for (int i = 0; i < 4; i++) ok = ok && (*states[i] = aligned_alloc(64, round64((size_t)N * sizeof(VEC))));
+    VEC **states[] = {&s->A2, &s->Av};
+    for (int i = 0; i < 2; i++) ok = ok && (*states[i] = aligned_alloc(64, round64((size_t)N * sizeof(VEC))));
     if (backward) {
         ok = ok && (s->H = aligned_alloc(64, round64((ln + (size_t)N) * sizeof(VEC))));
         VEC **big[] = {&s->DA, &s->gBa, &s->gCa};
@@ -94,7 +94,7 @@ static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backw
 
 static void NAME(scratch_free)(NAME(scratch) *s) {
     void *p[] = {s->Bt, s->Ct, s->ut, s->dtt, s->zt, s->gyt, s->spg, s->o1, s->o2, s->o3,
-                 s->A2, s->Av, s->h, s->acc, s->H, s->DA, s->gBa, s->gCa};
+                 s->A2, s->Av, s->H, s->DA, s->gBa, s->gCa};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) free(p[i]);
 }
 
@@ -269,20 +269,16 @@ static void NAME(backward_item)(const NAME(job) *j, NAME(scratch) *s, int64_t it
     else NAME(backward_item_n)(j, s, item, j->N);
 }
 
-static int NAME(forward_range)(void *ctx, int64_t first, int64_t end) {
+/* Items [first, end): the backward's when the job has a gradient to take (gy), else the forward's. */
+static int NAME(run_range)(void *ctx, int64_t first, int64_t end) {
     const NAME(job) *j = ctx;
+    int backward = j->gy != NULL;
     NAME(scratch) s;
-    int ok = NAME(scratch_alloc)(&s, j->L, j->N, 0);
-    for (int64_t i = first; ok && i < end; i++) NAME(forward_item)(j, &s, i);
-    NAME(scratch_free)(&s);
-    return ok ? 0 : -1;
-}
-
-static int NAME(backward_range)(void *ctx, int64_t first, int64_t end) {
-    const NAME(job) *j = ctx;
-    NAME(scratch) s;
-    int ok = NAME(scratch_alloc)(&s, j->L, j->N, 1);
-    for (int64_t i = first; ok && i < end; i++) NAME(backward_item)(j, &s, i);
+    int ok = NAME(scratch_alloc)(&s, j->L, j->N, backward);
+    for (int64_t i = first; ok && i < end; i++) {
+        if (backward) NAME(backward_item)(j, &s, i);
+        else NAME(forward_item)(j, &s, i);
+    }
     NAME(scratch_free)(&s);
     return ok ? 0 : -1;
 }
@@ -293,7 +289,7 @@ int NAME(scan_forward)(const REAL *u, const REAL *delta, const REAL *A, const RE
                        int64_t block, int softplus, int threads) {
     NAME(job) j = {u, delta, A, B, C, D, z, bias, NULL, NULL, y, last, NULL, NULL, NULL, NULL, NULL, NULL,
                    NULL, NULL, batch, G, dg, L, N, nblocks, block, softplus};
-    return parallel_for(batch * G * nblocks, threads, NAME(forward_range), &j);
+    return parallel_for(batch * G * nblocks, threads, NAME(run_range), &j);
 }
 
 int NAME(scan_backward)(const REAL *u, const REAL *delta, const REAL *A, const REAL *B, const REAL *C,
@@ -303,5 +299,5 @@ int NAME(scan_backward)(const REAL *u, const REAL *delta, const REAL *A, const R
                         int64_t nblocks, int64_t block, int softplus, int threads) {
     NAME(job) j = {u, delta, A, B, C, D, z, bias, gy, g_last, NULL, NULL, gu, gdelta, gz, gA, gD, gbias,
                    gB, gC, batch, G, dg, L, N, nblocks, block, softplus};
-    return parallel_for(batch * G * nblocks, threads, NAME(backward_range), &j);
+    return parallel_for(batch * G * nblocks, threads, NAME(run_range), &j);
 }
