@@ -22,7 +22,7 @@ from nas.errors import UserError
 from nas.models.mixed_scan import MultiScan
 from nas.models.scattn import SCAttn
 from nas.ops import (BACKENDS, DIRECTIONS, apply_scan, gather_steps, multi_direction_scan, scan_tables, selective_scan,
-                     undo_scan)
+                     take_steps, undo_scan)
 from nas.ops.causal_conv import causal_conv1d_silu
 
 
@@ -112,7 +112,7 @@ class LocalVimMixer(nn.Module):
         y = multi_direction_scan(x, dt, A, B, C, self._stacked("D_{}", slots).float(), z,
                                  self._stacked("dt_proj_{}.bias", slots).float(), True, backend=self.backend)
         # back to source order, token-major: SCAttn and the merge then read contiguous rows
-        return torch.gather(y.transpose(2, 3), 2, inverse[None, :, :, None].expand(batch, K, inverse.shape[1], Di))
+        return take_steps(y.transpose(2, 3), inverse, dim=-2)
 
     def _scan_loop(self, xz: torch.Tensor, grid) -> torch.Tensor:
         """The per-direction loop over permuted copies (LocalMamba's structure): the oracle."""

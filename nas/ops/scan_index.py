@@ -98,14 +98,21 @@ def gather_scans(x: torch.Tensor, table: torch.Tensor, dim: int = 1) -> torch.Te
     return padded.index_select(dim, index.reshape(-1)).view(*x.shape[:dim], *table.shape, *x.shape[dim + 1:])
 
 
-def take_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[b, k, c, j] = x[b, k, c, index[k, j]]: x (batch, K, C, L), index (K, J) in 0..L-1 -> (batch, K, C, J).
+def take_steps(x: torch.Tensor, index: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """out[b, k, c, j] = x[b, k, c, index[k, j]]: x (batch, K, C, L), index (K, J) in 0..L-1 -> (batch, K, C, J);
+    with dim=-2 the steps are x's dim 2 instead: x (batch, K, L, C) -> (batch, K, J, C).
 
     With the inverse of ``scan_tables`` it undoes a scan: (batch, K, C, S) in scan order -> (batch, K, C,
     L_src) in source order. A gather on an explicitly expanded index: about 2x faster than
     ``take_along_dim``, which first materializes the broadcast index with a remainder op, forward and backward.
+    The output is contiguous whatever x's strides: dim=-2 on a transposed view gives token-major rows.
     """
-    return torch.gather(x, -1, index[None, :, None, :].expand(*x.shape[:-1], index.shape[-1]))
+    if dim not in (-1, -2):
+        raise ValueError(f"dim: expected -1 or -2, got {dim}")
+    shape = list(x.shape)
+    shape[dim] = index.shape[-1]
+    view = index[None, :, None, :] if dim == -1 else index[None, :, :, None]
+    return torch.gather(x, dim, view.expand(*shape))
 
 
 def gather_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,17 @@ def test_gather_then_undo_is_exact(grid, cls, trim_leading):
     assert torch.equal(scanned[:, table < 0], torch.zeros_like(scanned[:, table < 0]))
     back = take_steps(scanned.transpose(2, 3), inverse).transpose(2, 3)
     assert torch.equal(back, x[:, None].expand_as(back))
+    # token-major: the same undo along dim 2 of (batch, K, S, C), contiguous even from a transposed view
+    channel_major = scanned.transpose(2, 3).contiguous()
+    back_rows = take_steps(channel_major.transpose(2, 3), inverse, dim=-2)
+    assert back_rows.is_contiguous() and torch.equal(back_rows, x[:, None].expand_as(back_rows))
     if cls and not trim_leading:  # every scan reads the class token at the same step (trimming shifts it)
         assert torch.equal(scanned[:, :, c], x[:, None, c].expand(3, len(DIRECTIONS), 5))
+
+
+def test_take_steps_dim_must_be_a_step_axis():
+    with pytest.raises(ValueError, match=r"dim: expected -1 or -2, got 1"):
+        take_steps(torch.zeros(1, 1, 2, 3), torch.zeros(1, 3, dtype=torch.long), dim=1)
 
 
 @pytest.mark.parametrize("grid", GRIDS)
