@@ -1,15 +1,19 @@
 """Data parallelism detected from the environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
 
-Without those variables everything runs in one process. With them, CUDA processes use NCCL on their
-local GPU and CPU processes use gloo. Only rank 0 writes files.
+Without those variables everything runs in one process. With them, CUDA processes join a group that serves
+both devices, NCCL for CUDA tensors and gloo for CPU ones (the loop reduces small CPU tensors: step flags,
+epoch sums), and CPU processes use gloo. Only rank 0 writes files.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,12 @@ class DistEnv:
         return self.world_size > 1
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """The backend string for ``init_process_group``. NCCL serves CUDA tensors only, so a CUDA process also
+    needs gloo for the CPU tensors every collective helper here may be handed."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def setup(device: str = "auto") -> DistEnv:
     """Pick the device and join the process group when launched by torchrun (RANK set), even with one process.
 
@@ -44,7 +54,13 @@ def setup(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = process_group_backend(use_cuda)
+        if use_cuda and not dist.is_nccl_available():
+            backend = "gloo"  # gloo also reduces CUDA tensors (through the host): slower, but it runs
+            if rank == 0:
+                log.warning("this torch %s has no NCCL; the process group uses gloo for the CUDA tensors too "
+                            "(slower collectives)", torch.__version__)
+        dist.init_process_group(backend)
     return DistEnv(rank, world, local_rank, dev)
 
 

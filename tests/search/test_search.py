@@ -13,6 +13,7 @@ from nas.engine import checkpoint
 from nas.models import arch_parameters, create_model
 from nas.cli.search import main, parse_args, resolve_config
 from nas.search.run import run_search
+from nccl_emulation import CPU_REFUSED, join_as_cuda_process
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "search_spaces", "demo.yaml")
 # 2 layers of width 16 on a 4 x 4 token grid, 12 images per class: one epoch takes a few seconds
@@ -150,8 +151,7 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, out, result_dir, strategy):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    join_as_cuda_process(rank, world, port)  # every collective must get past what NCCL refuses
     torch.set_num_threads(1)
     cfg, out = resolve_config(*parse_args(TINY + ["--out", out, "--epochs", "1", "--strategy.alpha_lr", "0.05",
                                                   "--strategy.name", strategy]))
@@ -181,6 +181,29 @@ def test_two_process_gloo_run_keeps_alpha_identical(tmp_path, strategy):
     torch.testing.assert_close(alphas_of(out), a0, rtol=0, atol=0)  # rank 0 wrote the checkpoint
 
 
+def _nccl_only_worker(rank, world, port, out, result_dir):
+    """A run in the group the code before the fix joined on CUDA: NCCL alone."""
+    join_as_cuda_process(rank, world, port, backend="nccl")
+    torch.set_num_threads(1)
+    try:
+        run_search(*resolve_config(*parse_args(TINY + ["--out", out, "--epochs", "1"])))
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    torch.save(error, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_the_emulated_nccl_group_refuses_what_nccl_refuses(tmp_path):
+    """The emulation is strict: a group of NCCL alone (what CUDA processes joined before) fails at the first
+    step's collective, as every CUDA torchrun run did; the group ``setup`` now joins passes (tests above)."""
+    results = tmp_path / "ranks"
+    results.mkdir()
+    _spawn(_nccl_only_worker, (2, _free_port(), str(tmp_path / "nccl"), str(results)))
+    for rank in (0, 1):
+        error = torch.load(results / f"rank{rank}.pt")
+        assert error is not None and CPU_REFUSED in error, error
+
+
 def _nan_worker(rank, world, port, out, result_dir, bad_calls):
     """Rank 1's loss is NaN on the training steps numbered in ``bad_calls`` (all steps if None)."""
     import contextlib
@@ -188,8 +211,7 @@ def _nan_worker(rank, world, port, out, result_dir, bad_calls):
 
     from nas.search import strategies
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    join_as_cuda_process(rank, world, port)
     torch.set_num_threads(1)
     real, calls = strategies.Strategy.loss, []
 
