@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from nas.ops import cpu_kernels
+from nas.ops import cpu_kernels, selfcheck
 
 
 def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -51,9 +51,10 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """silu(causal depthwise conv1d): x (batch, C, S), weight (C, 1, k) (nn.Conv1d's depthwise layout),
     bias (C,) or None -> (batch, C, S), out[t] = silu(bias + sum_j weight[:, 0, j] x[t - (k - 1) + j]).
 
-    The CPU kernel for fp32 / float64 CPU tensors when it builds here, else ``causal_conv1d_silu_ref``."""
+    The CPU kernel for fp32 / float64 CPU tensors when it builds here and passes its self-check
+    (``nas.ops.selfcheck``), else ``causal_conv1d_silu_ref``."""
     tensors = [t for t in (x, weight, bias) if t is not None]
     if (all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors) and x.dtype in (torch.float32, torch.float64)
-            and cpu_kernels.available()):
+            and cpu_kernels.available() and selfcheck.settle("cpu", False, selfcheck.cpu_failure()) == "cpu"):
         return CausalConvSiluFn.apply(x, weight, bias)
     return causal_conv1d_silu_ref(x, weight, bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nas.ops.scan_index import gather_steps, inverse_table
-from nas.ops.selective_scan import _shape, resolve_backend, selective_scan
+from nas.ops.selective_scan import _shape, checked_backend, resolve_backend, selective_scan
 
 
 def check_multi_inputs(u, delta, A, B, C, D, z, delta_bias, index):
@@ -73,7 +73,8 @@ def multi_direction_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     once per direction (as ``scan_orders`` tables are); positions no step visits come back as zero.
     """
     check_multi_inputs(u, delta, A, B, C, D, z, delta_bias, index)
-    backend = resolve_backend(backend, u.device)
+    backend = checked_backend(resolve_backend(backend, u.device), backend, u, A, B, D, z, delta_bias,
+                              delta_softplus, False, index, multi=True)
     if backend == "triton":
         from nas.ops.scan_triton import multi_direction_scan_triton
         return multi_direction_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)

@@ -9,18 +9,21 @@ and the last state (batch, D, N) in fp32.
 
 Backends: "ref" (the sequential loop below, the oracle), "torch" (chunked pure PyTorch, any device),
 "cpu" (one compiled C kernel, CPU tensors; built on first use, see ``nas.ops.scan_cpu``), "triton"
-(CUDA, or CPU under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when it imports, cpu for CPU
-tensors when a C compiler is there, else torch).
+(CUDA, or CPU under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when it imports and the GPU is
+recent enough, cpu for CPU tensors when a C compiler is there, else torch). A fast backend checks itself on
+its first use (``nas.ops.selfcheck``); "auto" runs torch where it fails.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "ref", "torch", "cpu", "triton")
+log = logging.getLogger(__name__)
 
 
 def _shape(t) -> str:
@@ -122,27 +125,64 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and gpu_supported(device):
             return "triton"
         if device.type == "cpu":
-            from nas.ops import cpu_kernels
+            from nas.ops import cpu_kernels, selfcheck
             if cpu_kernels.available():
-                return "cpu"
+                return selfcheck.settle("cpu", False, selfcheck.cpu_failure())
             cpu_kernels.note_fallback()
         return "torch"
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend: 'cpu' needs CPU tensors (got {device.type}); use backend='auto'")
-        from nas.ops import cpu_kernels
+        from nas.ops import cpu_kernels, selfcheck
         if not cpu_kernels.available():
             raise ValueError(f"backend: 'cpu' is not available here ({cpu_kernels.problem()}); use backend='torch'")
+        selfcheck.settle("cpu", True, selfcheck.cpu_failure())
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend: 'triton' needs the triton package, which is not installed; use backend='torch'")
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device.type}); on CPU use backend='torch', "
                              "or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
+        if device.type == "cuda" and not gpu_supported(device):
+            raise ValueError(f"backend: {_old_gpu(device)}; use backend='torch'")
     return backend
+
+
+MIN_CAPABILITY = (8, 0)  # the Triton kernels' bf16 and their tile sizes assume Ampere or newer
+
+
+def _old_gpu(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"the Triton kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer; "
+            f"{torch.cuda.get_device_name(device)} on {device} is {major}.{minor}")
+
+
+def gpu_supported(device: torch.device) -> bool:
+    """Whether the Triton kernels run on this GPU; says once per process why not when they don't."""
+    if torch.cuda.get_device_capability(device) >= MIN_CAPABILITY:
+        return True
+    if device.index not in _warned_gpus:
+        _warned_gpus.add(device.index)
+        log.warning("%s; using the torch backend", _old_gpu(device))
+    return False
+
+
+_warned_gpus: set = set()
+
+
+def checked_backend(backend: str, requested: str, u, A, B, D, z, delta_bias, delta_softplus, return_last_state,
+                    index=None, multi=False) -> str:
+    """``backend`` once the Triton kernels passed their self-check for this call's GPU, dtype and options
+    (``nas.ops.selfcheck``), else 'torch' (or a UserError when 'triton' was asked for by name)."""
+    if backend != "triton" or u.device.type != "cuda":  # the interpreter is not the compiled code
+        return backend
+    from nas.ops import selfcheck
+    options = selfcheck.triton_options(B, D, z, delta_bias, delta_softplus, return_last_state, index, multi)
+    failure = selfcheck.triton_failure(u.device, u.dtype, A.shape[-1], options)
+    return selfcheck.settle("triton", requested == "triton", failure)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -154,7 +194,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``return_last_state`` also the final state (batch, D, N) in fp32.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    backend = resolve_backend(backend, u.device)
+    backend = checked_backend(resolve_backend(backend, u.device), backend, u, A, B, D, z, delta_bias,
+                              delta_softplus, return_last_state)
     if backend == "ref":
         fn = selective_scan_ref
     elif backend == "torch":
