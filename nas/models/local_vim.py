@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nas.errors import UserError
 from nas.models.arch import check_candidates, check_directions, published_directions
+from nas.models.features import check_image, check_output_format, take_indices, to_format
 from nas.models.layers import DropPath, RMSNorm
 from nas.models.registry import register_model
 from nas.models.vim_mixer import LocalVimMixer
@@ -55,6 +56,17 @@ def rope_tables(dim: int, grid: tuple[int, int], pt_seq_len: int = 14, theta: fl
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def resize_pos_embed(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], mid_cls_token: bool = False):
+    """(old_h*old_w [+1], C) position table -> (new_h*new_w [+1], C); the middle class token's entry is kept
+    as it is and put back in the middle (position ``num_patches // 2``)."""
+    if not mid_cls_token:
+        return resize_grid_embedding(pos, old, new)
+    c = (pos.shape[0] - 1) // 2
+    patches = resize_grid_embedding(torch.cat([pos[:c], pos[c + 1:]]), old, new)
+    c_new = patches.shape[0] // 2
+    return torch.cat([patches[:c_new], pos[c:c + 1], patches[c_new:]])
 
 
 class RotaryEmbedding2D(nn.Module):
@@ -173,16 +185,12 @@ class LocalVim(nn.Module):
         return [list(layer.mixer.directions) for layer in self.layers]
 
     def _pos_embed(self, grid) -> torch.Tensor:
-        pos = self.pos_embed[0]
-        if not self.mid_cls_token:
-            return resize_grid_embedding(pos, self.grid, grid)
-        c = (pos.shape[0] - 1) // 2
-        patches = resize_grid_embedding(torch.cat([pos[:c], pos[c + 1:]]), self.grid, grid)
-        c_new = patches.shape[0] // 2
-        return torch.cat([patches[:c_new], pos[c:c + 1], patches[c_new:]])
+        return resize_pos_embed(self.pos_embed[0], self.grid, grid, self.mid_cls_token)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 3, H, W) -> pooled features (batch, embed_dim)."""
+    def _run(self, x: torch.Tensor, take=(), stop: int | None = None):
+        """Embed and run layers 0 .. stop (all by default). Returns (hidden, residual, grid, class-token position,
+        [hidden after each layer in ``take``]); hidden is the layer's mixer output (batch, L, C), the residual
+        stream fp32."""
         x, grid = self.patch_embed(x)
         cls_position = x.shape[1] // 2  # the released rule: token_position = num_patches // 2
         if self.mid_cls_token:
@@ -193,13 +201,50 @@ class LocalVim(nn.Module):
             if self.mid_cls_token:  # the class token has no grid position: it is not rotated
                 cos = torch.cat([cos[:cls_position], cos.new_ones(1, cos.shape[1]), cos[cls_position:]])
                 sin = torch.cat([sin[:cls_position], sin.new_zeros(1, sin.shape[1]), sin[cls_position:]])
-        for layer in self.layers:
+        taken = []
+        for i, layer in enumerate(self.layers[: None if stop is None else stop + 1]):
             if self.rope is not None:
                 hidden = self.rope.apply(hidden, cos, sin)
                 residual = None if residual is None else self.rope.apply(residual, cos, sin)
             hidden, residual = layer(hidden, residual, grid)
+            if i in take:
+                taken.append(hidden)
+        return hidden, residual, grid, cls_position, taken
+
+    def _pool(self, hidden: torch.Tensor, residual: torch.Tensor, cls_position: int) -> torch.Tensor:
         hidden = self.norm_f(residual + self.drop_path(hidden))
         return hidden[:, cls_position] if self.mid_cls_token else hidden.mean(1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 3, H, W) -> pooled features (batch, embed_dim)."""
+        hidden, residual, _, cls_position, _ = self._run(x)
+        return self._pool(hidden, residual, cls_position)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's forward_intermediates. (batch, 3, H, W) -> ([maps], pooled features (batch, C)), or the maps
+        alone with ``intermediates_only``.
+
+        A map is the hidden state a layer returns (its mixer's output, what LocalMamba's detection backbone
+        takes) as (batch, C, ceil(H/patch), ceil(W/patch)) (NCHW) or channels-last (NHWC), without the middle
+        class token; ``norm`` passes it through ``norm_f`` first. indices: None (every layer), the last n, or
+        a list of layers. ``stop_early`` (implied by ``intermediates_only``) runs no layer after the last taken
+        one; the pooled features are then those of the stream at that layer. ``head(pooled)`` is the logits.
+        """
+        check_image(x, self.patch_embed.patch_size, self.model_name, "patch")
+        check_output_format(output_fmt)
+        take = take_indices(self.num_layers, indices, "indices")
+        stop = take[-1] if stop_early or intermediates_only else None
+        hidden, residual, grid, cls_position, taken = self._run(x, take, stop)
+        maps = []
+        for h in taken:
+            h = self.norm_f(h) if norm else h
+            if self.mid_cls_token:
+                h = torch.cat([h[:, :cls_position], h[:, cls_position + 1:]], dim=1)
+            maps.append(to_format(h.reshape(h.shape[0], *grid, h.shape[-1]), output_fmt))
+        if intermediates_only:
+            return maps
+        return maps, self._pool(hidden, residual, cls_position)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))

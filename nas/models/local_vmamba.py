@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nas.errors import UserError
 from nas.models.arch import check_candidates, check_directions, published_directions
+from nas.models.features import check_image, check_output_format, take_indices, to_format
 from nas.models.layers import DropPath, Permute
 from nas.models.registry import register_model
 from nas.models.ss2d import SS2D
@@ -123,6 +124,31 @@ class LocalVMamba(nn.Module):
         for stage in self.layers:
             x = stage(x)
         return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's forward_intermediates. (batch, 3, H, W) -> ([maps], last-stage features (batch, h, w, C)
+        channels-last, what ``classifier`` takes), or the maps alone with ``intermediates_only``.
+
+        Map i is stage i's output before its PatchMerging (what LocalMamba's detection backbone takes):
+        (batch, dims[i], H_i, W_i) with H_0 = floor(H / patch) and H_i = ceil(H_(i-1) / 2) (the merge pads odd
+        sizes), NCHW or channels-last (NHWC). ``norm`` passes the last stage's map through the classifier's
+        LayerNorm (timm's rule: only the final norm exists). indices: None (every stage), the last n, or a list.
+        ``stop_early`` (implied by ``intermediates_only``) runs no stage after the last taken one.
+        """
+        check_image(x, self.patch_embed[0].stride[0], self.model_name, "patch")
+        check_output_format(output_fmt)
+        take = take_indices(len(self.layers), indices, "indices", unit="stage")
+        last = len(self.layers) - 1
+        stop = take[-1] if stop_early or intermediates_only else last
+        x = self.patch_embed(x)
+        maps = []
+        for i, stage in enumerate(self.layers[: stop + 1]):
+            x = stage.blocks(x)
+            if i in take:
+                maps.append(to_format(self.classifier.norm(x) if norm and i == last else x, output_fmt))
+            x = stage.downsample(x)
+        return maps if intermediates_only else (maps, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))

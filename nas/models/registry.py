@@ -58,15 +58,23 @@ def is_search_model(name: str) -> bool:
     return model_spec(name).search
 
 
-def create_model(name: str, directions=None, **overrides):
+def create_model(name: str, directions=None, *, features_only: bool = False, out_indices=None, **overrides):
     """Build a registered model.
 
     directions: derived models only; a list of per-layer direction lists, the path of an arch YAML file
     (``{model: ..., directions: [[...], ...]}``) or a published-list name. Defaults to the variant's list.
     overrides: any constructor argument of the family (img_size, num_classes, drop_path_rate,
     scattn ("channel" | "full"), backend, ...).
+    features_only: the backbone (``nas.models.backbone``): forward gives the list of NCHW feature maps of
+    ``out_indices``, described by ``feature_info``; from an arch file it takes the file's model_args as defaults.
     """
     spec = model_spec(name)
+    if features_only:
+        from nas.models.backbone import arch_model_args, backbone_class  # backbone.py builds on this module
+        overrides = {**arch_model_args(directions), **overrides}
+    elif out_indices is not None:
+        raise UserError(f"out_indices: only a backbone takes them; pass features_only=True with "
+                        f"out_indices={out_indices!r}")
     allowed = [k for k in spec.cls.CONFIG_KEYS if k != "directions"]
     for key in overrides:
         if key not in allowed:
@@ -79,5 +87,7 @@ def create_model(name: str, directions=None, **overrides):
         config["directions"] = None
     else:
         config["directions"] = resolve_directions(spec.default_directions() if directions is None else directions)
-    model = spec.cls(**config, model_name=spec.name)
+    if features_only:
+        config["out_indices"] = out_indices
+    model = (backbone_class(spec.cls) if features_only else spec.cls)(**config, model_name=spec.name)
     return model
