@@ -90,6 +90,12 @@ class Task:
         """Extra fields for the epoch's log line."""
         return {}
 
+    def end_of_run(self) -> dict | None:
+        """None to go on; else the run ends after this epoch (its checkpoint written, a ``stopped`` event logged
+        with these fields), and a resume ends at once: a search's stopping rule. ``reason``: the log line's words.
+        The same on every rank."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -231,7 +237,8 @@ def _own_partial(partial: dict, env: DistEnv) -> dict:
 def new_loop_state() -> dict:
     """Where a run stands (saved as the checkpoint's ``loop``): epochs done, optimizer steps, bad steps in a
     row, the best val top-1, and the batch reached inside the current epoch with its partial numbers."""
-    return {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0, "batch": 0, "partial": _fresh_partial()}
+    return {"epoch": 0, "step": 0, "bad_steps": 0, "best_top1": -1.0, "batch": 0, "partial": _fresh_partial(),
+            "wall_s": 0.0}
 
 
 def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg: dict, env: DistEnv, logger,
@@ -276,6 +283,9 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
         end = min(end, state["epoch"] + cfg["stop_after_epochs"])
     if state["epoch"] >= cfg["epochs"]:
         logger.info(f"{run_dir}: all {cfg['epochs']} epochs are done; a larger train.epochs (--epochs) trains on")
+    elif resume is not None and not state["batch"] and task.end_of_run() is not None:
+        logger.info(f"{run_dir}: the run ended after epoch {state['epoch']}: {task.end_of_run()['reason']}")
+        return record
     for epoch in range(state["epoch"], end):
         set_epoch(train_loader, epoch, skip_batches=state["batch"])
         if env.device.type == "cuda":
@@ -299,17 +309,23 @@ def fit(task: Task, model, train_model, optimizer, train_loader, val_loader, cfg
         record.update(task.on_epoch_end(epoch, record))
         record["peak_memory_mb"] = peak_memory_mb(env.device)
         record["epoch_time_s"] = state["partial"]["seconds"] + time.perf_counter() - val_start
-        state.update(epoch=epoch + 1, batch=0, partial=_fresh_partial())
+        record["wall_s"] = state.get("wall_s", 0.0) + record["epoch_time_s"]  # the run's so far
+        state.update(epoch=epoch + 1, batch=0, partial=_fresh_partial(), wall_s=record["wall_s"])
         improved = record["val_top1"] > state["best_top1"]
         state["best_top1"] = max(state["best_top1"], record["val_top1"])
         logger.epoch(record)
         logger.info(f"epoch {epoch + 1}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in record.items() if k in ("train_loss", "train_top1", "val_top1", "val_top5",
-                                                                "images_per_s"))
+                                                                "images_per_s", "path_steps", "wall_s"))
             + (f", skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
         save("last.pt", state)
         if improved:
             save("best.pt", state)
         if on_epoch is not None:
             on_epoch(record)
+        ending = task.end_of_run()
+        if ending is not None:
+            logger.event("stopped", **{k: v for k, v in ending.items() if k != "reason"}, wall_s=record["wall_s"])
+            logger.info(f"stopped after epoch {epoch + 1}: {ending['reason']}")
+            break
     return record

@@ -19,8 +19,11 @@ from nas.engine.settings import LOG_CHECKS, LOG_DEFAULTS, check_train
 from nas.errors import UserError
 from nas.models import (arch_parameters, check_candidates, create_model, derive_directions, is_search_model,
                         search_candidates)
+from nas.models.registry import model_spec
 from nas.models.search_space import AUTO, describe_k
+from nas.models.settings import check_model_args
 from nas.search.alphas import coincidence_note, write_tensorboard_layout
+from nas.search.stopping import STOP_DEFAULTS, check_stop
 from nas.search.strategies import STRATEGY_DEFAULTS, check_strategy, create_strategy, strategy_class
 from nas.viz import stage_ends
 
@@ -32,7 +35,8 @@ SEARCH_DEFAULTS = {
     "name": "search",
     "model": "local_vim_demo_search",
     "model_args": {},            # create_model overrides: drop_path_rate, scattn, backend, ...
-    "search": {"candidates": None},  # the scan orders each layer chooses from (nas.ops registry); null: LocalMamba's 8
+    "search": {"candidates": None,  # the scan orders each layer chooses from (nas.ops registry); null: LocalMamba's 8
+               "stop": dict(STOP_DEFAULTS)},  # the stopping rule (nas.search.stopping); off unless patience is set
     "img_size": 224,
     "seed": 0,
     "data": dict(DATA_DEFAULTS),
@@ -47,7 +51,9 @@ SEARCH_CHECKS = {
     "seed": cfglib.integer(0), "retrain": cfglib.MAPPING, "tune": cfglib.MAPPING, "search": cfglib.MAPPING,
     **LOG_CHECKS,
 }
-RESUME_SAFE = ("name", "retrain", "tune")  # besides nas.engine.session.SAFE_ON_RESUME: read by later commands
+# besides nas.engine.session.SAFE_ON_RESUME: read by later commands, or (search.stop) where the run ends, not what
+# its epochs compute
+RESUME_SAFE = ("name", "retrain", "tune", "search.stop")
 
 
 def check_config(cfg: dict) -> None:
@@ -55,11 +61,12 @@ def check_config(cfg: dict) -> None:
     cfglib.validate(cfg, SEARCH_CHECKS)
     check_train(cfg["train"])
     check_strategy(cfg["strategy"])
+    check_stop(cfg["search"].get("stop"))
     if cfg["data"]["path"] is None:
         raise UserError("data.path: this search space names no data; pass --data /path/to/imagenet (or --data demo)")
     resolve_data_config(cfg["data"])
-    if "candidates" in cfg["model_args"]:
-        raise UserError("model_args.candidates: name a search space's candidates under search.candidates")
+    if cfg["data"]["num_classes"] == 1:  # the loss is 0 from the first step: nothing to learn
+        raise UserError("data.num_classes: expected an int >= 2 (a search learns from telling classes apart), got 1")
     candidates = check_candidates(cfg["search"]["candidates"])
     k = cfg["strategy"]["k"]
     counts = [] if k == AUTO else k if isinstance(k, list) else [k]  # their number is checked with the model
@@ -69,6 +76,17 @@ def check_config(cfg: dict) -> None:
     if not is_search_model(cfg["model"]):
         raise UserError(f"model: {cfg['model']!r} is a derived model; a search needs a search model "
                         f"(a name ending in _search)")
+    args, strategy = cfg["model_args"], cfg["strategy"]
+    # the fewest directions a layer runs in a step: every candidate, unless the strategy runs fewer
+    fewest = 1 if strategy["path_dropout"] else min(counts, default=1) \
+        if strategy_class(strategy["name"]).samples_k_paths else None
+    check_model_args(model_spec(cfg["model"]), args, "model_args.", given={
+        "img_size": cfg["img_size"], "candidates": cfg["search"]["candidates"]}, set_elsewhere={
+        "img_size": f"a search's image size is img_size; pass --img_size {args.get('img_size')}",
+        "num_classes": f"a search's head has one output per class of its data; choose --data.num_classes "
+                       f"{args.get('num_classes')} (or data.classes)",
+        "candidates": "name a search space's candidates under search.candidates"},
+        batch=cfg["train"]["batch_size"], directions=fewest, device=cfg["train"]["device"])
 
 
 def supernet_args(cfg: dict) -> dict:
@@ -116,7 +134,7 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
         heldout_loader = build_loader(data.heldout, train["batch_size"], True, train["workers"], cfg["seed"] + 1)
     with open_run(out, env, cfg, data, also_safe=RESUME_SAFE) as run:
         strategy = create_strategy(cfg["strategy"], model, train, cfg["seed"], run.logger, out,
-                                   stage_ends(model.config.get("depths")))
+                                   stage_ends(model.config.get("depths")), cfg["search"].get("stop"))
         if heldout_loader is not None:
             strategy.set_heldout(heldout_loader)
         train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)

@@ -28,6 +28,8 @@ A new strategy is one more ``Strategy`` subclass decorated with ``@register_stra
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nas import config as cfglib
@@ -36,9 +38,10 @@ from nas.engine.distributed import all_reduce_sum
 from nas.engine.loop import Task, autocast, topk_correct
 from nas.engine.optim import adamw, weight_groups
 from nas.errors import UserError
-from nas.models import arch_parameters, search_candidates, set_active_paths
+from nas.models import arch_parameters, search_candidates, search_scans, set_active_paths
 from nas.models.search_space import AUTO, AUTO_MASS, fixed_counts
 from nas.search import alphas as alpha_report
+from nas.search.stopping import stop_settings, stop_state
 
 STRATEGY_DEFAULTS = {
     "name": "joint",
@@ -97,9 +100,11 @@ def strategy_class(name: str) -> type["Strategy"]:
     return _REGISTRY[name]
 
 
-def create_strategy(cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None) -> "Strategy":
+def create_strategy(cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None,
+                    stop: dict | None = None) -> "Strategy":
+    """stop: the search's stopping rule (``search.stop``, ``nas.search.stopping``); None: no rule."""
     check_strategy(cfg)
-    return _REGISTRY[cfg["name"]](cfg, model, train, seed, logger, run_dir, stage_ends)
+    return _REGISTRY[cfg["name"]](cfg, model, train, seed, logger, run_dir, stage_ends, stop)
 
 
 class Strategy(Task):
@@ -108,6 +113,11 @@ class Strategy(Task):
     Order of the hooks in one training step (``nas.engine.loop``): ``before_step`` (alpha step, path
     sampling), forward + ``loss``, backward, ``before_optimizer_step`` (drop gradients that must not be
     used), ``clip_gradients``, the weights' optimizer step, ``after_step``.
+
+    Compute is counted in path-steps: every training forward (weight steps and bilevel's alpha steps; not the
+    evaluation) adds its images times the paths it runs, summed over layers and ranks; the epoch's record
+    holds the total so far (``path_steps``). After each epoch the stopping rule (``search.stop``) reads the
+    alpha history; rank 0's decision is every rank's.
     """
 
     name = ""
@@ -115,8 +125,13 @@ class Strategy(Task):
     samples_k_paths = False        # each step runs strategy.k paths per layer (so k must be counted, not auto)
     find_unused_parameters = False  # DDP: some parameters get no gradient in a step
 
-    def __init__(self, cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None):
+    def __init__(self, cfg: dict, model, train: dict, seed: int, logger, run_dir: str, stage_ends=None,
+                 stop: dict | None = None):
         self.cfg, self.model, self.train, self.seed = cfg, model, train, seed
+        self.stop = stop_settings(stop)
+        self.path_steps = 0    # every rank's, up to the last finished epoch
+        self._epoch_paths = 0  # this rank's, in the current epoch
+        self._stop = None      # the stopping rule after the last finished epoch (a StopState)
         self.logger, self.run_dir, self.stage_ends = logger, run_dir, stage_ends
         self.label_smoothing, self.amp = train["label_smoothing"], train["amp"]
         self.alphas = arch_parameters(model)
@@ -173,6 +188,10 @@ class Strategy(Task):
         set_active_paths(self.model, None)  # evaluation (and the report) runs every path
         return model
 
+    def loss(self, model, images, labels):
+        self._epoch_paths += images.shape[0] * sum(len(m.slots()) for m in search_scans(self.model))
+        return super().loss(model, images, labels)
+
     def before_optimizer_step(self, epoch: int) -> None:
         if self.alpha_frozen(epoch):
             self.drop_alpha_grads()
@@ -190,15 +209,45 @@ class Strategy(Task):
         self.history.record(epoch + 1, probs)
         if self.logger.enabled:
             self.history.write(f"{self.run_dir}/alphas.json")
-        return alpha_report.report(self.logger, self.model, probs, epoch + 1, self.run_dir, self.cfg["k"],
-                                   self.stage_ends, self.cfg["auto_mass"])
+        self._stop = self.stop_rule()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        # one reduction: the epoch's path-steps of every rank, and rank 0's stop decision (only rank 0 adds it)
+        shared = all_reduce_sum(torch.tensor([float(self._epoch_paths), float(rank == 0 and self._stop.stop)],
+                                             dtype=torch.float64))
+        self.path_steps += int(shared[0].item())
+        self._epoch_paths = 0
+        self._stop = dataclasses.replace(self._stop, stop=bool(shared[1].item()))
+        return {**alpha_report.report(self.logger, self.model, probs, epoch + 1, self.run_dir, self.cfg["k"],
+                                      self.stage_ends, self.cfg["auto_mass"]),
+                "path_steps": self.path_steps, "arch_stable_epochs": self._stop.stable,
+                "arch_margin_min": min(self._stop.margins)}
+
+    def stop_rule(self):
+        """The stopping rule after the last epoch of the history (None before the first)."""
+        return stop_state(self.history.epochs, self.stop, self.cfg["k"], self.history.candidates,
+                          self.cfg["auto_mass"])
+
+    def end_of_run(self) -> dict | None:
+        if self._stop is None or not self._stop.stop:
+            return None
+        s, stop = self._stop, self.stop
+        return {"reason": f"the derived architecture held for {s.stable} epoch(s) (search.stop.patience "
+                          f"{stop['patience']}) with every layer's margin >= {stop['min_margin']:g} (smallest "
+                          f"{min(s.margins):.4f})",
+                "epochs_done": s.epoch, "margins": s.margins, "stable_epochs": s.stable, "path_steps": self.path_steps}
 
     # -- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"alpha_history": self.history.epochs}
+        # a checkpoint inside an epoch holds rank 0's path-steps of it; every rank resumes from that count (the
+        # ranks run batches of one size, so it stands for each of them)
+        return {"alpha_history": self.history.epochs, "path_steps": self.path_steps,
+                "epoch_path_steps": self._epoch_paths}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = alpha_report.AlphaHistory(state["alpha_history"], self.history.candidates)
+        self.path_steps = state.get("path_steps", 0)  # 0: a checkpoint written before compute was counted
+        self._epoch_paths = state.get("epoch_path_steps", 0)
+        self._stop = self.stop_rule()  # with this run's settings: a larger patience continues a stopped run
 
 
 @register_strategy
