@@ -12,13 +12,17 @@ import argparse
 import os
 import re
 import sys
+from typing import Callable
 
 from nas import config as cfglib
 from nas.cli.command import run_command
-from nas.derive.arch_file import baseline_config, check_arch, load_arch, stale_reason
+from nas.data import DATA_DEFAULTS
+from nas.data.errors import DataError
+from nas.derive.arch_file import BASELINE_CONFIG, baseline_config, check_arch, load_arch, stale_reason
 from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
                                searched_k, write_arch)
-from nas.derive.retrain import RETRAIN_DEFAULTS, check_retrain_config, retrain_config, run_retrain
+from nas.derive.retrain import (RETRAIN_DEFAULTS, check_retrain_config, retrain_config, retrained_directions,
+                                run_retrain)
 
 
 
@@ -82,7 +86,9 @@ def publish(arch: dict, run: dict, run_dir: str) -> None:
 
 def prepare_retrain(args, rest) -> tuple[dict, str]:
     """The retraining config. A new retraining trains RUN/arch.yaml (derived first when missing; one edited by
-    hand is used as it is) and refuses one derived from older alphas or with another -k / --distinct."""
+    hand is used as it is) and refuses one derived from older alphas or with another -k / --distinct. A
+    retraining folder that exists already continues (or reports) only the retraining asked for (--resume
+    alone: the one it holds, whatever RUN/arch.yaml holds now)."""
     overrides = cfglib.parse_overrides(rest)
     if args.epochs is not None:
         overrides.setdefault("train", {})["epochs"] = args.epochs
@@ -90,18 +96,30 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
         overrides.setdefault("data", {})["path"] = args.data
     out = args.out or os.path.join(args.run, "retrain")
     saved = os.path.join(out, "config.yaml")
-    if os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved):
-        # a resumed retraining keeps its config and the architecture it started with
-        return cfglib.merge(cfglib.load_yaml(saved, "--out"), overrides, "command line", RETRAIN_DEFAULTS), out
-    if args.resume:
+    begun = os.path.isfile(os.path.join(out, "last.pt")) and os.path.isfile(saved)
+    if args.resume and not begun:
         raise DeriveError(f"--resume: {out!r} holds no last.pt to resume from")
+    if begun:  # it continues with its own config; what the command asks must be what it trains
+        if not (args.resume and args.k is None and not args.distinct and not args.inherit):
+            same_retraining(cfglib.load_yaml(saved, "--out"), _asked_retraining(args, overrides)[0], out)
+        return cfglib.merge(cfglib.load_yaml(saved, "--out"), overrides, "command line", RETRAIN_DEFAULTS), out
+    cfg, publish_arch = _asked_retraining(args, overrides)
+    if publish_arch is not None:
+        check_retrain_config(cfg)  # bad retraining settings fail before arch.yaml and the figures are written
+        publish_arch()
+    return cfg, out
+
+
+def _asked_retraining(args, overrides) -> tuple[dict, Callable[[], None] | None]:
+    """The config of the retraining the command asks for, and (when RUN/arch.yaml is to be derived first) the
+    call that writes it and its figures."""
     arch_path = os.path.join(args.run, "arch.yaml")
     search_cfg = baseline_config(args.run)
     if search_cfg is not None:  # a baseline (search.py --baseline): its arch.yaml as it is, for its search config
         if args.k is not None or args.distinct:
             raise DeriveError(f"-k/--distinct: {arch_path} is a baseline's architecture; it keeps the directions it "
                               f"was chosen with")
-        return retrain_config(load_arch(arch_path), arch_path, search_cfg, overrides, args.inherit), out
+        return retrain_config(load_arch(arch_path), arch_path, search_cfg, overrides, args.inherit), None
     run = read_run(args.run)
     fresh = not os.path.isfile(arch_path)
     if fresh:
@@ -116,10 +134,42 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
                     (" --distinct" if args.distinct or (arch.get("distinct") and args.k is None) else "")
             raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then retrain")
     cfg = retrain_config(arch, arch_path, run["config"], overrides, args.inherit)
-    if fresh:
-        check_retrain_config(cfg)  # bad retraining settings fail before arch.yaml and the figures are written
-        publish(arch, run, args.run)
-    return cfg, out
+    return cfg, (lambda: publish(arch, run, args.run)) if fresh else None
+
+
+def inherited_data_note(message: str, run_dir: str) -> str:
+    """Where the data settings an error names came from when the search's config set them (a retraining takes
+    its data settings from the search, --data changes only the path)."""
+    search_cfg = baseline_config(run_dir)
+    path = os.path.join(run_dir, BASELINE_CONFIG if search_cfg is not None else "config.yaml")
+    if search_cfg is None:
+        if not os.path.isfile(path):
+            return ""
+        search_cfg = cfglib.load_yaml(path, "run")
+    named = [f"data.{key} {value}" for key, value in (search_cfg.get("data") or {}).items()
+             if key != "path" and value is not None and value != DATA_DEFAULTS.get(key) and f"data.{key}" in message]
+    if not named:
+        return ""
+    return (f" ({', '.join(named)}: the search's setting, from {path}, which the retraining keeps; "
+            f"override it on the command line, e.g. --{named[0].split()[0]} null)")
+
+
+def same_retraining(saved: dict, cfg: dict, out: str) -> None:
+    """Refuse to continue (or report) the retraining in ``out`` when it trains another architecture, or starts
+    from other weights, than the one asked for; the data and recipe are compared when it resumes."""
+    differences = []
+    if saved.get("search_epoch") != cfg["search_epoch"] and "search_epoch" in saved:
+        differences.append(f"search epoch {saved['search_epoch']} there, {cfg['search_epoch']} now")
+    if saved.get("directions") is not None and saved["directions"] != cfg["directions"]:
+        layers = [f"layer {i}: {', '.join(a)} there, {', '.join(b)} now"
+                  for i, (a, b) in enumerate(zip(saved["directions"], cfg["directions"])) if a != b]
+        differences.append("; ".join(layers) or "another number of layers")
+    if saved.get("inherit", False) != cfg["inherit"]:
+        how = {False: "from scratch", True: "from the supernet's weights (--inherit)"}
+        differences.append(f"{how[saved.get('inherit', False)]} there, {how[cfg['inherit']]} now")
+    if differences:
+        raise DeriveError(f"--out {out} holds a retraining of another architecture or start "
+                          f"({'; '.join(differences)}); retrain into another folder with --out DIR, or delete {out}")
 
 
 def main(argv=None) -> int:
@@ -132,18 +182,37 @@ def main(argv=None) -> int:
                 raise DeriveError(f"arguments {' '.join(rest)}: overrides only apply with --retrain")
             derive(args.run, args.k, args.distinct)
             return
-        cfg, out = prepare_retrain(args, rest)
-        record = run_retrain(cfg, out)
-        print(summary(load_arch(cfg["arch"]), record, args.run, out))
+        try:
+            cfg, out = prepare_retrain(args, rest)
+            record = run_retrain(cfg, out)
+        except DataError as exc:
+            raise DataError(f"{exc}{inherited_data_note(str(exc), args.run)}") from None
+        print(summary(cfg, record, args.run, out))
 
     return run_command("derive.py", body)
 
 
-def summary(arch: dict, record: dict, run_dir: str, out: str) -> str:
-    layers = "\n".join(f"  layer {i:2d}: {', '.join(names)}" for i, names in enumerate(arch["directions"]))
-    figures = os.path.join(run_dir, "figures")
-    return (f"\n=== summary ===\nsearched directions kept per layer ({arch['model']}):\n{layers}\n"
-            f"retrained {arch['model']}: val top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% "
-            f"after {record['epoch']} epochs\n"
-            f"figures: {figures}/alphas.png, alpha_history.png, scan_orders.png\n"
-            f"logs: tensorboard --logdir {run_dir} (search in tb/, retraining in {os.path.relpath(out, run_dir)}/tb/)")
+def summary(cfg: dict, record: dict, run_dir: str, out: str) -> str:
+    """What was retrained and how well, and where its figures and logs are (those that exist)."""
+    directions = retrained_directions(cfg)
+    layers = "\n".join(f"  layer {i:2d}: {', '.join(names)}" for i, names in enumerate(directions))
+    kind = "searched directions kept" if baseline_config(run_dir) is None else "the baseline's directions"
+    epochs = record["epoch"]
+    lines = [f"\n=== summary ===\n{kind} per layer ({cfg['model']}):\n{layers}",
+             f"retrained {cfg['model']}: val top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% "
+             f"after {epochs} epoch{'' if epochs == 1 else 's'}"]
+    folder = os.path.join(run_dir, "figures")
+    figures = [n for n in ("alphas.png", "alpha_history.png", "scan_orders.png")
+               if os.path.isfile(os.path.join(folder, n))]
+    if figures:
+        lines.append(f"figures: {os.path.join(folder, figures[0])}" + "".join(f", {n}" for n in figures[1:]))
+    logs = [(what, path) for what, path in (("search", os.path.join(run_dir, "tb")),
+                                            ("retraining", os.path.join(out, "tb"))) if os.path.isdir(path)]
+    if len(logs) == 1:
+        lines.append(f"logs: tensorboard --logdir {logs[0][1]} ({logs[0][0]})")
+    elif logs:
+        root = os.path.commonpath([os.path.abspath(p) for _, p in logs])
+        root = run_dir if os.path.abspath(run_dir) == root else root
+        lines.append(f"logs: tensorboard --logdir {root} (" + ", ".join(
+            f"{what} in {os.path.relpath(path, root)}/" for what, path in logs) + ")")
+    return "\n".join(lines)

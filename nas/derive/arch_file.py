@@ -13,7 +13,7 @@ import torch
 from nas import config as cfglib
 from nas.derive.export import DeriveError, kept_rule
 from nas.errors import UserError
-from nas.models import check_directions, create_model
+from nas.models import create_model
 from nas.models.arch import read_arch_file
 
 BASELINE_CONFIG = "search_config.yaml"
@@ -26,10 +26,12 @@ def baseline_config(folder: str) -> dict | None:
 
 
 def check_arch(arch: dict, directions, arch_path: str) -> None:
-    """Build the derived model once so that a bad arch fails before any training."""
+    """Build the derived model once so that a bad arch fails before any training (the model checks each
+    layer's list against its own count of ``scans_per_layer``)."""
     try:
-        probe = create_model(arch["model"], directions=directions, **arch["model_args"])
-        check_directions(directions, len(probe.directions), len(directions[0]) if directions else 0, arch["model"])
+        if directions is None:  # create_model would take its published default directions
+            raise UserError("directions: expected one list of scan directions per layer, got null")
+        create_model(arch["model"], directions=directions, **arch["model_args"])
     except UserError as exc:
         raise DeriveError(f"arch: {arch_path}: {exc}") from None
 
@@ -42,6 +44,10 @@ def load_arch(arch_path: str) -> dict:
     arch.setdefault("model_args", {})
     arch.setdefault("source", os.path.dirname(os.path.abspath(arch_path)))
     directions = read_arch_file(arch_path)
+    if isinstance(directions, list) and directions and all(isinstance(d, list) for d in directions):
+        # a file written by hand may leave out scans_per_layer: each layer runs the scans its list names
+        counts = [len(d) for d in directions]
+        arch["model_args"].setdefault("scans_per_layer", counts[0] if len(set(counts)) == 1 else counts)
     check_arch(arch, directions, arch_path)
     return arch
 

@@ -26,6 +26,7 @@ import yaml
 from nas import config as cfglib
 from nas.atomic import atomic_write
 from nas.engine import checkpoint
+from nas.engine.lock import lock_holder
 from nas.errors import UserError
 from nas.models import alpha_state_keys, check_candidates, create_model, derive_directions
 from nas.models.registry import model_spec
@@ -133,6 +134,10 @@ def read_run(run_dir: str) -> dict:
     if scores is None or epoch == 0:
         if epoch:
             raise DeriveError(f"run: {history_path} holds no record of epoch {epoch}, the last one {last} finished")
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise DeriveError(f"run: {run_dir!r} has no finished search epoch yet: the search running in it (pid "
+                              f"{holder}) writes last.pt and alphas.json when its first epoch ends; derive then")
         raise DeriveError(f"run: {run_dir!r} has no finished search epoch yet (last.pt and alphas.json are written "
                           f"when the first epoch ends); resume the search with the same search.py command")
     # alpha up to a constant, centred so that float32 ranking (derive_directions) keeps its small differences

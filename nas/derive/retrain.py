@@ -17,6 +17,7 @@ from nas import config as cfglib
 from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_config
 from nas.derive.export import DeriveError, candidates_of
 from nas.engine import checkpoint
+from nas.errors import UserError
 from nas.engine.augment import MixupCutmix, ModelEma, soft_cross_entropy
 from nas.engine.session import (check_out_folder, data_parallel, find_resume, open_run, resume_changes,
                                 run_in_process_group)
@@ -29,6 +30,8 @@ from nas.models.arch import read_arch_file
 RETRAIN_DEFAULTS = {
     "model": None,               # the derived model (from arch.yaml)
     "arch": None,                # path of arch.yaml
+    "directions": None,          # the directions retrained, per layer (arch.yaml's when the retraining began)
+    "search_epoch": None,        # the search epoch they were derived at (None: a baseline or a hand-written file)
     "source": None,              # the search run
     "inherit": False,            # start from the supernet's weights of the kept directions
     "model_args": {},            # create_model options (free-form); the recipe's drop_path_rate is 0.1
@@ -87,7 +90,8 @@ def retrain_config(arch: dict, arch_path: str, search_cfg: dict, overrides: dict
     """Defaults, then what the search run fixes (data, image size, seed, architecture arguments), then the
     search space's ``retrain:`` section, then the command line."""
     data = {**(search_cfg.get("data") or {}), "heldout_fraction": None, "heldout_path": None}
-    base = {"model": arch["model"], "arch": os.path.abspath(arch_path), "source": arch["source"], "inherit": inherit,
+    base = {"model": arch["model"], "arch": os.path.abspath(arch_path), "directions": arch["directions"],
+            "search_epoch": arch.get("epoch"), "source": arch["source"], "inherit": inherit,
             "model_args": {"drop_path_rate": 0.1, **arch["model_args"]},
             "img_size": search_cfg.get("img_size", RETRAIN_DEFAULTS["img_size"]),
             "seed": search_cfg.get("seed", 0), "data": data}
@@ -96,10 +100,16 @@ def retrain_config(arch: dict, arch_path: str, search_cfg: dict, overrides: dict
     return cfglib.merge(cfg, overrides, "command line", RETRAIN_DEFAULTS)
 
 
+def retrained_directions(cfg: dict) -> list:
+    """The directions a retraining trains: its config's (retrainings begun before it held them: arch.yaml's)."""
+    return cfg["directions"] if cfg.get("directions") is not None else read_arch_file(cfg["arch"])
+
+
 def build_model(cfg: dict, num_classes: int):
     args = dict(cfg["model_args"], img_size=cfg["img_size"], num_classes=num_classes)
+    directions = retrained_directions(cfg)
     if not cfg["inherit"]:
-        return create_model(cfg["model"], directions=cfg["arch"], **args)
+        return create_model(cfg["model"], directions=directions, **args)
     last = os.path.join(cfg["source"], "last.pt")
     if not os.path.isfile(last):
         raise DeriveError(f"--inherit: the search run {cfg['source']!r} holds no last.pt to inherit from")
@@ -110,7 +120,25 @@ def build_model(cfg: dict, num_classes: int):
                           f"retraining data has {num_classes}; retrain from scratch (without --inherit) or on data "
                           f"with the search's classes")
     candidates = candidates_of(cfglib.load_yaml(cfg["arch"], "arch"))  # the supernet's alpha order
-    return derived_from_supernet(state, cfg["model"], read_arch_file(cfg["arch"]), candidates, **args)
+    try:
+        return derived_from_supernet(state, cfg["model"], directions, candidates, **args)
+    except UserError as exc:
+        raise DeriveError(f"--inherit: {_unfit_reason(cfg) or exc}") from None
+
+
+def _unfit_reason(cfg: dict) -> str | None:
+    """Why the supernet's weights do not fit the retrained model, when a setting the retraining changed is why."""
+    searched = cfglib.load_yaml(os.path.join(cfg["source"], "config.yaml"), "run")
+    ours = {"img_size": cfg["img_size"], **{f"model_args.{k}": v for k, v in cfg["model_args"].items()}}
+    theirs = {"img_size": searched.get("img_size"),
+              **{f"model_args.{k}": v for k, v in (searched.get("model_args") or {}).items()}}
+    changed = [f"{k} {theirs[k]} in the search, {v} here" for k, v in ours.items()
+               if k in theirs and k not in ("model_args.drop_path_rate", "model_args.scans_per_layer")
+               and theirs[k] is not None and theirs[k] != v]
+    if not changed:
+        return None
+    return (f"the supernet's weights ({cfg['source']}) do not fit a model with other sizes than the search's "
+            f"({'; '.join(changed)}); retrain with the search's settings, or from scratch without --inherit")
 
 
 def run_retrain(cfg: dict, out: str, on_epoch=None) -> dict:

@@ -21,8 +21,11 @@ class RunLocked(UserError):
     """Another process holds the run folder."""
 
 
-def _refusal(folder: str, fd: int, argument: str) -> RunLocked:
-    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+def _holder(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _refusal(folder: str, holder: str, argument: str) -> RunLocked:
     return RunLocked(f"{argument} {folder}: another process (pid {holder}) is running in this folder; wait for "
                      f"it to end or choose another {argument}")
 
@@ -38,17 +41,24 @@ def _try_lock(fd: int, kind: int) -> bool:
     return False
 
 
-def probe_lock(folder: str, argument: str = "--out") -> None:
-    """Raise RunLocked if a process holds ``folder``'s lock; changes nothing on disk."""
+def lock_holder(folder: str) -> str | None:
+    """The pid of the process holding ``folder``'s lock ("unknown" if it wrote none), None when none does;
+    changes nothing on disk."""
     try:
         fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY)
     except OSError:
-        return  # no lock file (or unreadable): nobody has locked the folder through it
+        return None  # no lock file (or unreadable): nobody has locked the folder through it
     try:
-        if not _try_lock(fd, fcntl.LOCK_SH):
-            raise _refusal(folder, fd, argument)
+        return None if _try_lock(fd, fcntl.LOCK_SH) else _holder(fd)
     finally:
         os.close(fd)
+
+
+def probe_lock(folder: str, argument: str = "--out") -> None:
+    """Raise RunLocked if a process holds ``folder``'s lock; changes nothing on disk."""
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise _refusal(folder, holder, argument)
 
 
 class RunLock:
@@ -66,7 +76,7 @@ class RunLock:
         except OSError as exc:
             raise write_error(self.path, exc) from None
         if not _try_lock(fd, fcntl.LOCK_EX):
-            error = _refusal(self.folder, fd, self.argument)
+            error = _refusal(self.folder, _holder(fd), self.argument)
             os.close(fd)
             raise error
         os.ftruncate(fd, 0)

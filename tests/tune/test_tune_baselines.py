@@ -64,7 +64,12 @@ def test_a_baselines_arch_yaml_retrains_with_derive_py_like_a_searched_one(tmp_p
     assert retrained["model"] == "local_vim_demo" and retrained["arch"] == os.path.join(folder, "arch.yaml")
     assert retrained["train"]["epochs"] == 1 and retrained["img_size"] == 16  # the search config's retrain: and size
     assert retrained["model_args"]["depth"] == 2 and retrained["data"]["images_per_class"] == 12
-    assert "retrained local_vim_demo: val top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the baseline's directions per layer (local_vim_demo):" in printed
+    assert "retrained local_vim_demo: val top-1" in printed and "% after 1 epoch\n" in printed
+    assert "figures:" not in printed and "logs:" not in printed  # a baseline has no figures, no TensorBoard here
+    assert derive_main([folder, "--retrain", "-k", "3"]) == 2  # refused also once its retraining exists
+    assert "keeps the directions it was chosen with" in capsys.readouterr().err
 
 
 def test_published_baseline_is_localmamba_list_or_an_error(tmp_path, capsys):
