@@ -1,12 +1,17 @@
-"""Helpers every benchmark shares: the machine and versions a record was taken on, and memory readings."""
+"""Helpers every benchmark shares: the machine and versions a record was taken on, the record itself, and
+memory readings."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
+
+from nas.atomic import atomic_write
 
 
 def current_rss_kb() -> int:
@@ -33,6 +38,46 @@ def environment(device: str) -> dict:
     else:
         env["device_name"] = platform.processor() or platform.machine()
     return env
+
+
+class Record:
+    """A benchmark's JSON record, written when the benchmark starts and rewritten (atomically) after every row,
+    so that a run stopped at its time limit keeps what it measured. ``plan`` lists the labels of the rows it
+    means to measure and ``done`` those measured (or failed), so a reader can say what is missing; ``complete``
+    turns true, and ``seconds`` is set, only when the benchmark finishes."""
+
+    def __init__(self, path, benchmark: str, device: str, env: dict, **fields):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._start = time.perf_counter()
+        self.data = {"benchmark": benchmark, "device": device, "environment": env,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False, "plan": [], "done": [],
+                     **fields}
+        self.write()
+
+    def add(self, key: str, row: dict, label: str | None = None, **fields) -> dict:
+        """Append ``row`` to the list ``key`` (``label`` to ``done``), set ``fields``, and write."""
+        self.data.setdefault(key, []).append(row)
+        if label is not None:
+            self.data["done"].append(label)
+        self.data.update(fields)
+        self.write()
+        return row
+
+    def missing(self) -> list[str]:
+        return [p for p in self.data["plan"] if p not in self.data["done"]]
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.write()
+
+    def finish(self) -> None:
+        self.update(complete=True, seconds=time.perf_counter() - self._start)
+        print(f"\nwrote {self.path}")
+
+    def write(self) -> None:
+        with atomic_write(str(self.path)) as f:
+            json.dump(self.data, f, indent=1)
 
 
 def best_rate(fn, n: int, reps: int = 10) -> float:

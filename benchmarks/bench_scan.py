@@ -19,7 +19,8 @@ exponentials / measured exp2 throughput). --configs adds fused launch configs to
 --device interpret runs the CUDA path on CPU under TRITON_INTERPRET=1 at tiny sizes: a check of this script
 (tests run it), not a measurement.
 
-Prints a table and writes a JSON record (device, versions, results) to benchmarks/results/.
+Prints a table and writes a JSON record (device, versions, results) to benchmarks/results/, row by row as
+they are measured (``complete`` true once it finished).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import current_rss_kb, environment  # noqa: E402
+from bench_common import Record, current_rss_kb, environment  # noqa: E402
 from nas.ops import apply_scan, multi_direction_scan, scan_orders, selective_scan, undo_scan  # noqa: E402
 
 CPU_SHAPES = [(8, 256, 16, 196), (2, 384, 16, 1024)]
@@ -105,7 +106,7 @@ def cpu_child(variant, shape, mode, reps):
     return {"ms": 1e3 * statistics.median(times), "peak_mb": peak_mb}
 
 
-def run_cpu(args):
+def run_cpu(args, record):
     from nas.ops import cpu_kernels
     variants = CPU_VARIANTS if cpu_kernels.available() else CPU_VARIANTS[:-1]
     rows = []
@@ -116,8 +117,8 @@ def run_cpu(args):
                 out = subprocess.run([sys.executable, __file__, "--child", variant, "--shape", ",".join(map(str, shape)),
                                       "--mode", mode, "--reps", str(reps)], capture_output=True, text=True, check=True)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append({"shape": dict(zip(("batch", "dim", "N", "L"), (shape[0], shape[1], shape[2], shape[3]))),
-                             "mode": mode, "variant": variant, **res})
+                rows.append(record.add("rows", {"shape": dict(zip(("batch", "dim", "N", "L"), shape)), "mode": mode,
+                                                "variant": variant, **res}))
                 print(f"{str(shape):22s} {mode:7s} {variant:14s} {res['ms']:10.1f} ms {res['peak_mb']:9.1f} MB", flush=True)
     summary = []
     for shape in CPU_SHAPES:
@@ -137,7 +138,7 @@ def run_cpu(args):
         print(f"{str(tuple(s['shape'])):22s} {s['mode']:7s}" + "".join(
             f" {s[v + '_speedup_vs_fallback']:13.1f}x {s[v + '_peak_mem_ratio_vs_fallback']:19.2f}" for v in variants[1:])
             + (f" {s['cpu_speedup_vs_torch']:17.1f}x" if "cpu_speedup_vs_torch" in s else ""))
-    return {"rows": rows, "summary": summary}
+    record.update(summary=summary)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
@@ -263,15 +264,14 @@ def cuda_variants(mamba_fn, config=None):
     def ours_single(u, delta, A, B, C, D, z, bias, sp):
         return selective_scan(u, delta, A, B, C, D, z, bias, sp, backend="triton")
 
-    variants = {
-        "a_fused_triton": lambda x, idx, dirs, H, W: multi_direction_scan_triton(
-            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, idx, config),
-        "b_triton_x_permuted": lambda x, idx, dirs, H, W: permuted_loop(ours_single, x, dirs, H, W),
-        "d_torch_backend": lambda x, idx, dirs, H, W: multi_direction_scan(
-            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, index=idx, backend="torch"),
-    }
+    # in the order they are measured: the speed target's pair (a, c) first, so a run cut short still has it
+    variants = {"a_fused_triton": lambda x, idx, dirs, H, W: multi_direction_scan_triton(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, idx, config)}
     if mamba_fn is not None:
         variants["c_mamba_x_permuted"] = lambda x, idx, dirs, H, W: permuted_loop(mamba_fn, x, dirs, H, W)
+    variants["b_triton_x_permuted"] = lambda x, idx, dirs, H, W: permuted_loop(ours_single, x, dirs, H, W)
+    variants["d_torch_backend"] = lambda x, idx, dirs, H, W: multi_direction_scan(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, index=idx, backend="torch")
     return variants
 
 
@@ -296,7 +296,7 @@ def layer_cases(device, batch):
             ("derived", batch, DERIVED_DIRECTIONS, sizes["derived"], sizes["N"])]
 
 
-def check_correctness(device, dtypes, batch=2):
+def check_correctness(device, dtypes, record, batch=2):
     """Fused kernel vs the float64 sequential reference at the benchmark's layer shapes: ||a-r|| / ||r||."""
     from nas.ops.multi_scan import multi_direction_scan_torch
 
@@ -316,24 +316,32 @@ def check_correctness(device, dtypes, batch=2):
             grads = torch.autograd.grad(y, [x[k] for k in order], dy)
             grads_ref = torch.autograd.grad(y_ref, [x64[k] for k in order], dy.double())
             errs = {"y": rel_err(y, y_ref), **{f"d{k}": rel_err(g, gr) for k, g, gr in zip(order, grads, grads_ref)}}
-            out.append({"case": case, "dtype": dname, "rel_err": errs})
+            out.append(record.add("correctness", {"case": case, "dtype": dname, "rel_err": errs}))
             print(f"correctness {case:8s} {dname:5s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     return out
 
 
-def run_gpu(args):
+def run_gpu(args, record):
+    """Each row goes into ``record`` as it is measured, with the ratios so far: the search shape in bf16,
+    the speed target's case, comes first."""
     device = args.device
     tensor_dev = TENSOR_DEVICE[device]
-    correctness = check_correctness(device, args.dtypes)
+    check_correctness(device, args.dtypes, record)
     ceilings = measure_ceilings(device)
+    record.update(ceilings=ceilings)
     print(f"copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceilings['exp2_per_s'] / 1e12:.2f} T/s")
     mamba_fn = load_mamba(args.mamba_src)
+    record.update(mamba_available=mamba_fn is not None)
     H, W = GRID[device]
     L = H * W
     cases = layer_cases(device, args.batch)
     configs = [None] + [tuple(int(v) for v in c.split("x")) for c in args.configs]
     warmup = 3 if device == "cuda" else 0  # nothing to warm up in the interpreter
-    rows = []
+    labels = [vname if config is None else f"{vname}[{'x'.join(map(str, config))}]"
+              for config in configs for vname in cuda_variants(mamba_fn, config)
+              if config is None or vname == "a_fused_triton"]
+    record.update(plan=[f"{case} {dname} {label} {mode}" for case, *_ in cases for dname in args.dtypes
+                        for label in labels for mode in ("fwd", "fwdbwd")])
     for case, batch, dirs, dim, N in cases:
         idx = scan_orders(dirs, H, W, tensor_dev)
         for dname in args.dtypes:
@@ -355,24 +363,28 @@ def run_gpu(args):
                                 fn(xs, idx, dirs, H, W).backward(dy)
                         ms, peak = gpu_time_and_peak(step, device, warmup, args.reps)
                         fl = floor_ms(batch, len(dirs), dim, N, L, dtype.itemsize, mode, ceilings)
-                        rows.append({"case": case, "batch": batch, "K": len(dirs), "d_inner": dim, "N": N, "L": L,
-                                     "dtype": dname, "variant": label, "mode": mode, "ms": ms, "peak_mib": peak, **fl,
-                                     "floor_fraction": fl["floor_ms"] / ms})
+                        row = {"case": case, "batch": batch, "K": len(dirs), "d_inner": dim, "N": N, "L": L,
+                               "dtype": dname, "variant": label, "mode": mode, "ms": ms, "peak_mib": peak, **fl,
+                               "floor_fraction": fl["floor_ms"] / ms}
                         print(f"{case:8s} {dname:5s} {label:26s} {mode:7s} {ms:9.3f} ms  peak {peak:9.1f} MiB  "
                               f"floor {fl['floor_ms']:.3f} ms ({100 * fl['floor_ms'] / ms:5.1f}%)", flush=True)
+                        record.add("rows", row, f"{case} {dname} {label} {mode}",
+                                   ratios=gpu_ratios(record.data.get("rows", []) + [row]))
     print("\nratios (variant / a):")
-    ratios = []
-    for case, *_ in cases:
-        for dname in args.dtypes:
-            for mode in ("fwd", "fwdbwd"):
-                pick = {r["variant"]: r["ms"] for r in rows if r["case"] == case and r["dtype"] == dname and r["mode"] == mode}
-                a = pick["a_fused_triton"]
-                entry = {"case": case, "dtype": dname, "mode": mode,
-                         **{f"{v}_over_a": pick[v] / a for v in pick if v != "a_fused_triton"}}
-                ratios.append(entry)
-                print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-    return {"correctness": correctness, "ceilings": ceilings, "rows": rows, "ratios": ratios,
-            "mamba_available": mamba_fn is not None}
+    for entry in record.data.get("ratios", []):
+        print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+
+def gpu_ratios(rows: list[dict]) -> list[dict]:
+    """Per (case, dtype, mode) measured so far: each variant's time over the fused launch's."""
+    out = []
+    for case, dname, mode in dict.fromkeys((r["case"], r["dtype"], r["mode"]) for r in rows):
+        pick = {r["variant"]: r["ms"] for r in rows if (r["case"], r["dtype"], r["mode"]) == (case, dname, mode)}
+        if "a_fused_triton" in pick:
+            a = pick["a_fused_triton"]
+            out.append({"case": case, "dtype": dname, "mode": mode,
+                        **{f"{v}_over_a": pick[v] / a for v in pick if v != "a_fused_triton"}})
+    return out
 
 
 def gpu_time_and_peak(step, device, warmup, reps):
@@ -415,14 +427,14 @@ def main():
     if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
     env = environment(args.device)
-    results = run_cpu(args) if args.device == "cpu" else run_gpu(args)
     tag = env["device_name"].replace(" ", "_") if args.device == "cuda" else args.device
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_scan_{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_scan", "device": args.device, "environment": env,
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **results}, indent=1))
-    print(f"\nwrote {out}")
-
+    record = Record(args.out or ROOT / "benchmarks" / "results" / f"bench_scan_{tag}.json", "bench_scan", args.device,
+                    env)
+    if args.device == "cpu":
+        run_cpu(args, record)
+    else:
+        run_gpu(args, record)
+    record.finish()
 
 if __name__ == "__main__":
     main()

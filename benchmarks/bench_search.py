@@ -9,7 +9,8 @@ images (``--steps`` steps); peak memory is torch.cuda.max_memory_allocated over 
 --device interpret: that path's code on CPU under TRITON_INTERPRET=1 (scan backend "auto": torch on CPU), a tiny
 demo supernet at batch 2: a check of this script (tests run it); its numbers measure nothing.
 
-Prints a table and writes a JSON record to benchmarks/results/bench_search_<device>.json.
+Prints a table and writes a JSON record to benchmarks/results/bench_search_<device>.json as each strategy is
+measured; a strategy that fails is recorded with its error, the other still runs (exit status 1).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from nas.models import create_model  # noqa: E402
 from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
 from nas.search.strategies import create_strategy  # noqa: E402
 
-from bench_common import current_rss_kb, environment  # noqa: E402
+from bench_common import Record, current_rss_kb, environment  # noqa: E402
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -116,29 +117,33 @@ def main():
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.device, args.child[0], int(args.child[1]), args.steps)))
-        return
+        return 0
     if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
-    rows = []
+    record = Record(args.out or ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json", "bench_search",
+                    args.device, environment("cuda" if args.device == "cuda" else "cpu"), rows=[],
+                    plan=["joint", "sampled"])
+    failed = 0
     for strategy in ("joint", "sampled"):
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
-                              "--child", strategy, str(args.k)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
+                              "--child", strategy, str(args.k)], capture_output=True, text=True)
+        if out.returncode != 0:  # recorded, and the other strategy still measured
+            failed += 1
+            error = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+            record.add("rows", {"strategy": strategy, "k": args.k, "error": error}, strategy)
+            print(f"{strategy:8s} failed: {error}", flush=True)
+            continue
+        r = record.add("rows", json.loads(out.stdout.strip().splitlines()[-1]), strategy)
         print(f"{r['space']:16s} {r['strategy']:8s} k={r['k']} batch {r['batch']:4d} {r['images_per_s']:9.1f} img/s "
               f"peak {r['peak_mib']:9.1f} MiB ({r['seconds']:.0f} s)", flush=True)
-    ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
-    speed = rows[1]["images_per_s"] / rows[0]["images_per_s"]
-    print(f"\nsampled / joint: peak memory {ratio:.2f}x, images/s {speed:.2f}x")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_search", "device": args.device,
-                               "environment": environment("cuda" if args.device == "cuda" else "cpu"),
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
-                               "sampled_over_joint_peak_memory": ratio, "sampled_over_joint_images_per_s": speed},
-                              indent=1))
-    print(f"wrote {out}")
-
+    ok = {r["strategy"]: r for r in record.data["rows"] if "error" not in r}
+    if len(ok) == 2:
+        ratio = ok["sampled"]["peak_mib"] / ok["joint"]["peak_mib"]
+        speed = ok["sampled"]["images_per_s"] / ok["joint"]["images_per_s"]
+        print(f"\nsampled / joint: peak memory {ratio:.2f}x, images/s {speed:.2f}x")
+        record.update(sampled_over_joint_peak_memory=ratio, sampled_over_joint_images_per_s=speed)
+    record.finish()
+    return 1 if failed else 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import (current_rss_kb, cpu_throughput, environment, mambapy_selective_scan,  # noqa: E402
+from bench_common import (Record, current_rss_kb, cpu_throughput, environment, mambapy_selective_scan,  # noqa: E402
                           scan_floor_ms)
 import nas.ops.scan_cpu as scan_cpu  # noqa: E402
 from nas.ops import cpu_kernels  # noqa: E402
@@ -206,12 +206,15 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_steps(args, rates) -> list[dict]:
+def run_steps(args, rates, record) -> list[dict]:
+    """Every (model, batch, path) in its own subprocess; each row (and the ratios so far) goes into ``record``
+    as it is measured."""
     models = MODELS[args.device]
     if args.only:
         models = [m for m in models if m[0] in args.only]
-    rows = []
     floors = rates is not None
+    record.update(plan=[f"{label} {path} batch {batch}" for label, _, _, _, batches in models
+                        for batch in args.batch or batches for path in PATHS[args.device]])
     print(f"{'model':28s} {'path':8s} {'batch':>5s} {'ms/step':>9s} {'min':>8s} {'img/s':>7s} {'peak MiB':>9s}"
           + (f" {'scan ms':>8s} {'floor ms':>8s} {'step/floor':>10s} {'scan/floor':>10s}" if floors else ""))
     for label, name, overrides, size, batches in models:
@@ -226,7 +229,7 @@ def run_steps(args, rates) -> list[dict]:
                 if out.returncode != 0:
                     row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"{label:28s} {path:8s} {batch:5d} failed: {row['error']}", flush=True)
-                    rows.append(row)
+                    record.add("rows", row, f"{label} {path} batch {batch}")
                     continue
                 row.update(json.loads(out.stdout.strip().splitlines()[-1]))
                 line = (f"{label:28s} {path:8s} {batch:5d} {row['ms_median']:9.1f} {row['ms_min']:8.1f} "
@@ -238,8 +241,8 @@ def run_steps(args, rates) -> list[dict]:
                     line += (f" {row['scan_ms']:8.1f} {row['floor_ms']:8.1f} {row['step_over_floor']:10.2f} "
                              f"{row['scan_over_floor']:10.2f}")
                 print(line, flush=True)
-                rows.append(row)
-    return rows
+                record.add("rows", row, f"{label} {path} batch {batch}", ratios=ratios(record.data["rows"] + [row]))
+    return record.data["rows"]
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -256,15 +259,18 @@ def ratios(rows: list[dict]) -> list[dict]:
                 entry[f"{path}_over_batched"] = r["ms_median"] / ref["ms_median"]
                 entry[f"peak_mem_batched_over_{path}"] = ref["peak_mib"] / max(r["peak_mib"], 1e-9)
         out.append(entry)
+    return out
+
+
+def print_ratios(out: list[dict]) -> None:
     print("\nper-step time of each path over the batched scan's (higher = batched faster), peak memory batched/path:")
     for e in out:
         print(f"  {e['label']:28s} batch {e['batch']:4d} " + "  ".join(
             f"{p}: {e[f'{p}_over_batched']:5.2f}x (mem {e[f'peak_mem_batched_over_{p}']:.2f})"
             for p in PATHS["cpu"] if f"{p}_over_batched" in e))
-    return out
 
 
-def run_layers(args, rates) -> list[dict]:
+def run_layers(args, rates, record) -> list[dict]:
     """The scan alone at layer shapes, fwd + bwd, same inputs: the compiled kernel (when it builds here), our
     PyTorch scan and mambapy's, each through multi_direction_scan."""
     fns = {"torch": scan_torch.selective_scan_torch, "mambapy": mambapy_selective_scan}
@@ -301,6 +307,7 @@ def run_layers(args, rates) -> list[dict]:
         print(f"{label:30s} " + " ".join(f"{row[k + '_ms']:10.1f}" for k in fns)
               + f" {row['mambapy_over_ours']:12.1f}x {row['torch_over_ours']:10.1f}x {row['floor_ms']:9.1f} "
               f"{row['ours_over_floor']:10.2f}", flush=True)
+        record.add("layers", row)
         rows.append(row)
     return rows
 
@@ -335,16 +342,12 @@ def main():
         rates = cpu_throughput()
         print(f"this machine, {torch.get_num_threads()} threads: exp2 {rates['exp2_per_s'] / 1e9:.2f} G/s, "
               f"fused multiply-add {rates['fma_per_s'] / 1e9:.2f} G/s\n")
-    rows = run_steps(args, rates)
-    summary = ratios(rows)
-    layers = run_layers(args, rates) if args.device == "cpu" and not args.no_layers else []
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_supernet_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_supernet", "device": args.device, "environment": env,
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps, "rates": rates,
-                               "rows": rows, "ratios": summary, "layers": layers}, indent=1))
-    print(f"\nwrote {out}")
-
+    record = Record(args.out or ROOT / "benchmarks" / "results" / f"bench_supernet_{args.device}.json",
+                    "bench_supernet", args.device, env, steps=args.steps, rates=rates, rows=[], ratios=[], layers=[])
+    print_ratios(ratios(run_steps(args, rates, record)))
+    if args.device == "cpu" and not args.no_layers:
+        run_layers(args, rates, record)
+    record.finish()
 
 if __name__ == "__main__":
     main()

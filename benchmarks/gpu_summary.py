@@ -60,6 +60,15 @@ def scan_lines(rec) -> list[str]:
     return out
 
 
+def partial_line(rec) -> str:
+    """What a record left by a benchmark stopped before its end holds, and what it lacks."""
+    plan, done = rec.get("plan", []), rec.get("done", [])
+    missing = [p for p in plan if p not in done]
+    shown = "; ".join(missing[:4]) + (f"; and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return (f"PARTIAL: stopped before its end, {len(done)} of {len(plan)} rows measured"
+            + (f"; missing: {shown}" if missing else ""))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tag", required=True)
@@ -89,20 +98,26 @@ def main():
                                  if "loop_over_batched" in e]
     srch = records["bench_search"]
     lines["bench_search"] = [] if srch is None else [
+        f"{r['strategy']} k={r['k']}: failed: {r['error']}" if "error" in r else
         f"{r['strategy']} k={r['k']} batch {r['batch']}: {r['images_per_s']:.1f} img/s, peak {r['peak_mib']:.0f} MiB"
-        for r in srch["rows"]] + [f"sampled/joint peak memory {srch['sampled_over_joint_peak_memory']:.2f}x"]
+        for r in srch["rows"]] + ([f"sampled/joint peak memory {srch['sampled_over_joint_peak_memory']:.2f}x"]
+                                  if "sampled_over_joint_peak_memory" in srch else [])
     epoch = (run or {}).get("epoch")
     lines["search_run"] = [] if not epoch else [
         f"epoch 1: train_loss {epoch['train_loss']:.3f}, {epoch['images_per_s']:.1f} img/s, "
         f"peak {epoch.get('peak_memory_mb', float('nan')):.0f} MB, {epoch.get('epoch_time_s', float('nan')):.1f} s"]
     lines["bench_scan"] = [] if records["bench_scan"] is None else scan_lines(records["bench_scan"])
+    for name, rec in records.items():
+        if rec is not None and not rec.get("complete"):
+            lines[name].append(partial_line(rec))
 
     missing = [name for name in PARTS if status.get(name, {}).get("exit") == 0 and not lines[name]]
     print(f"\nGPU suite ({tag}) {time.strftime('%Y-%m-%d %H:%M:%S')}")
     print(f"{'part':16s} {'status':>8s} {'s':>5s}  numbers")
     for name in PARTS:
         st = status.get(name)
-        state = "not run" if st is None else ("ok" if st["exit"] == 0 else f"exit {st['exit']}")
+        state = ("not run" if st is None else "ok" if st["exit"] == 0 else
+                 "time out" if st["exit"] in (124, 137) else f"exit {st['exit']}")
         body = lines[name] or ["(no record)"]
         print(f"{name:16s} {state:>8s} {st['seconds'] if st else '':>5}  {body[0]}")
         for extra in body[1:]:

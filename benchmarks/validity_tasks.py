@@ -16,11 +16,20 @@ Two more conditions make the expectation sharp, and ``expected_directions`` chec
   at chance after 20 epochs, one with R in the conv window learns it in one epoch; a direction that can
   carry the label only that slowly would not be an answer the search could be expected to find.
 
+Tasks where random choices fail (``PAIRS``) need two directions together: R is two tokens, each within the
+conv's reach of one direction only (the others see it 11 or more steps back, or not at all), and each carries one
+bit of the label (blue or red: four classes, ``blue_red`` = R's first token blue, its second red). A set holding one
+of the two directions reads one bit (50% at best), so the answer is the pair, k = 2, and a random 2-of-8 set holds
+it once in C(8, 2) = 28 draws. Within one layer the directions' outputs are summed before the readout, so the
+label cannot be one no single direction reads alone (a sum cannot compute an XOR): the bits are the honest form.
+
 The tasks are written as PNG files in the ImageFolder layout (``train/<colour>/*.png``, ``val/<colour>/*.png``)
 and read back through ``--data <folder>``, like any user's data.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -47,10 +56,19 @@ class Task:
     # the search's candidate scans (search.candidates), 8 like LocalMamba's so every task has the same budget;
     # they hold h, h_flip, v, v_flip, the benchmark's fixed baseline
     candidates: tuple[str, ...] = DIRECTIONS
+    bits: bool = False                   # each token of R carries one bit of the label (PAIRS), not the label
 
     @property
     def img_size(self) -> int:
         return self.grid * PATCH
+
+    @property
+    def classes(self) -> dict[str, tuple[tuple[int, int, int], ...]]:
+        """Class name -> the colour of each token of R, in the order the class names sort (ImageFolder's labels)."""
+        if not self.bits:
+            return {name: (rgb,) * len(self.cells) for name, rgb in COLOURS.items()}
+        combos = itertools.product(BITS, repeat=len(self.cells))
+        return {"_".join(names): tuple(COLOURS[n] for n in names) for names in combos}
 
 
 # Grids where the 8 orders are distinct (not 7 x 7: w7 == h there). R is one token: on 4 x 4 grids it lies
@@ -69,6 +87,15 @@ TASKS = (
 PLANTED = (
     Task("token_2_2_of_5x5", 5, ((2, 2),), ("h", "h_flip", "v", "v_flip", "snake_h", "diag", "hilbert", "w4")),
 )
+
+
+# The answer is a pair of directions on a 6 x 6 grid (cells within the conv's reach of one direction each, listed in
+# ``pair_directions``'s order); neither pair is inside the fixed h, h_flip, v, v_flip.
+PAIRS = (
+    Task("pair_v_flip_w7_flip_6x6", 6, ((0, 3), (4, 4)), bits=True),  # 1 and 2 steps back; others 11+
+    Task("pair_v_w7_flip_6x6", 6, ((4, 2), (4, 5)), bits=True),       # 2 and 3 steps back; others 9+
+)
+BITS = ("blue", "red")
 
 
 def prefixes(grid: int, candidates=DIRECTIONS) -> dict[str, list[int]]:
@@ -109,11 +136,39 @@ def expected_directions(cells, grid: int, reach: int, candidates=DIRECTIONS) -> 
     return carriers
 
 
-def task_image(task: Task, colour: str, rng: np.random.Generator) -> Image.Image:
-    """One RGB image: a grey level per token, the tokens of R in ``colour``, pixel noise over all."""
+def steps_back(grid: int, cell: tuple[int, int], candidates=DIRECTIONS) -> dict[str, int]:
+    """Per candidate that scans ``cell`` before the class token: how many steps before it (1: just before)."""
+    token = cell[0] * grid + cell[1]
+    return {d: len(seen) - seen.index(token) for d, seen in prefixes(grid, candidates).items() if token in seen}
+
+
+def pair_directions(cells, grid: int, reach: int, candidates=DIRECTIONS) -> list[str]:
+    """For a task whose tokens of R carry one bit each: per token, the one candidate that has it within its last
+    ``reach`` steps before the class token (ValueError when none or several do), in candidate order."""
+    found = []
+    for cell in cells:
+        near = [d for d, back in steps_back(grid, cell, candidates).items() if back <= reach]
+        if len(near) != 1:
+            raise ValueError(f"cells: {cell} is within the last {reach} steps of {len(near)} candidates "
+                             f"({', '.join(near) or 'none'}); a bit needs exactly one")
+        found.append(near[0])
+    if len(set(found)) != len(found):
+        raise ValueError(f"cells: one direction ({found}) sees two tokens of R; each bit needs its own")
+    return [d for d in candidates if d in found]
+
+
+def task_answer(task: Task, reach: int) -> list[str]:
+    """The task's expected set E: ``pair_directions`` for a task of bits, else ``expected_directions``."""
+    find = pair_directions if task.bits else expected_directions
+    return find(task.cells, task.grid, reach, task.candidates)
+
+
+def task_image(task: Task, label: str, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of class ``label``: a grey level per token, the tokens of R in the class's colours, pixel
+    noise over all."""
     tokens = rng.uniform(*BACKGROUND, size=(task.grid, task.grid, 1)).repeat(3, axis=2)
-    for r, c in task.cells:
-        tokens[r, c] = COLOURS[colour]
+    for (r, c), rgb in zip(task.cells, task.classes[label]):
+        tokens[r, c] = rgb
     pixels = tokens.repeat(PATCH, axis=0).repeat(PATCH, axis=1)
     pixels = pixels + rng.normal(0.0, NOISE_STD, size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
@@ -123,11 +178,11 @@ def write_task(task: Task, root: str, train_per_class: int, val_per_class: int, 
     """Write the task as PNG files under ``root`` (ImageFolder layout); returns ``root``."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for colour in COLOURS:
-            folder = os.path.join(root, split, colour)
+        for label in task.classes:
+            folder = os.path.join(root, split, label)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                task_image(task, colour, rng).save(os.path.join(folder, f"{i:04d}.png"))
+                task_image(task, label, rng).save(os.path.join(folder, f"{i:04d}.png"))
     return root
 
 
@@ -143,6 +198,9 @@ class PrefixOnlyVim(LocalVim):
         super().__init__(**kwargs)
         for layer in self.layers:
             layer.mixer.attn = nn.Identity()
+
+    # the model checks read a constructor's defaults from its signature: LocalVim's, which this one takes
+    __init__.__signature__ = inspect.signature(LocalVim.__init__)
 
 
 MODEL_ARGS = dict(patch_size=PATCH, embed_dim=16, depth=1, d_state=4, mid_cls_token=True, rope=False,

@@ -38,3 +38,45 @@ def test_bad_device_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "gpu_check.sh: --device: expected cuda or interpret, got tpu"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.interpret
+def test_a_part_stopped_at_its_limit_keeps_what_it_measured(tmp_path):
+    """bench_scan as gpu_check.sh's `timeout` stops it (SIGTERM) once its first timed row is in: the record
+    holds the rows so far, says it is not complete, and the summary names the part partial and what is missing."""
+    import signal
+    import sys
+    import time
+
+    record = tmp_path / "bench_scan_interpret.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bench_scan.py"), "--device", "interpret",
+                             "--dtypes", "fp32", "--reps", "1", "--batch", "1", "--out", str(record)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (json.loads(record.read_text()).get("rows", []) if record.exists() else [])
+            if rows:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    saved = json.loads(record.read_text())
+    assert saved["complete"] is False and saved["correctness"] and "ceilings" in saved
+    assert 1 <= len(saved["rows"]) < len(saved["plan"]) and len(saved["done"]) == len(saved["rows"])
+    assert saved["done"][0] == "search fp32 a_fused_triton fwd"
+    status = tmp_path / "status"
+    status.write_text("bench_scan 124 30\n")
+    summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), "--tag", "interpret",
+                              "--results", str(tmp_path), "--status", str(status), "--junit", str(tmp_path / "none.xml"),
+                              "--run", str(tmp_path / "none")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    line = next(x for x in summary.stdout.splitlines() if x.startswith("bench_scan"))
+    assert "time out" in line, summary.stdout
+    partial = [x for x in summary.stdout.splitlines() if "PARTIAL: stopped before its end" in x]
+    assert len(partial) == 1 and f"{len(saved['rows'])} of {len(saved['plan'])} rows measured" in partial[0]
+    missing = [p for p in saved["plan"] if p not in saved["done"]]
+    assert f"missing: {missing[0]}; " in partial[0], partial
