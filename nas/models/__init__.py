@@ -7,6 +7,7 @@
 """
 from nas.models import local_vim, local_vmamba  # noqa: F401  (register the variants)
 from nas.models.arch import check_candidates, check_directions, published_directions
+from nas.models.backbone import FPNHead, load_backbone_checkpoint
 from nas.models.checkpoint import derived_from_supernet, load_checkpoint, read_state_dict
 from nas.models.flops import count_parameters, flops
 from nas.models.local_vim import LocalVim
@@ -20,4 +21,5 @@ __all__ = ["create_model", "list_models", "is_search_model", "arch_parameters", 
            "alpha_state_keys",
            "derive_directions", "split_parameters", "set_batched", "set_active_paths", "load_checkpoint",
            "read_state_dict", "derived_from_supernet", "flops", "count_parameters", "published_directions",
-           "check_directions", "check_candidates", "LocalVim", "LocalVMamba", "SCAttn"]
+           "check_directions", "check_candidates", "LocalVim", "LocalVMamba", "SCAttn", "load_backbone_checkpoint",
+           "FPNHead"]

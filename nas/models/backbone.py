@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from nas import config as cfglib
 from nas.errors import UserError
@@ -132,8 +133,15 @@ def arch_model_args(directions) -> dict:
     a backbone built from ``runs/NAME/arch.yaml`` is the searched network; {} for anything else."""
     if not isinstance(directions, (str, os.PathLike)) or directions in published_names():
         return {}
-    arch = cfglib.load_yaml(os.fspath(directions), "directions")
-    return dict(arch.get("model_args") or {})
+    path = os.fspath(directions)
+    if not os.path.isfile(path):
+        return {}  # resolve_directions names the missing file
+    try:
+        with open(path, encoding="utf-8") as f:
+            arch = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise UserError(f"directions: {cfglib.yaml_error_message(path, exc)}") from None
+    return dict(arch.get("model_args") or {}) if isinstance(arch, dict) else {}  # a bare list has none
 
 
 def _source_grid(tokens: int, grid, key: str) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from models_testing import shapes, small_model, vim_keys, vssm_keys
 
 from nas.derive.export import build_arch, write_arch
@@ -226,6 +227,10 @@ def test_a_searched_arch_file_builds_its_backbone(tmp_path):
     backbone = create_model(arch["model"], features_only=True, directions=str(tmp_path / "arch.yaml"))
     assert backbone.directions == directions and backbone.config["scans_per_layer"] == [2, 4, 3, 2]
     assert [tuple(m.shape) for m in backbone(torch.randn(1, 3, 20, 36))] == [(1, 48, 5, 9)] * 4
+    bare = tmp_path / "bare.yaml"  # a bare per-layer list, as read_arch_file also takes: no model_args to add
+    bare.write_text(yaml.safe_dump([["h", "v", "w2", "w7"]] * 4))
+    layers = create_model("local_vim_demo", features_only=True, directions=str(bare)).directions
+    assert layers == [["h", "v", "w2", "w7"]] * 4
 
 
 @pytest.mark.parametrize("call, words", [
