@@ -12,6 +12,7 @@ from typing import Callable
 
 from nas.errors import UserError
 from nas.models.arch import published_directions, resolve_directions
+from nas.models.settings import check_model_args
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,7 @@ def create_model(name: str, directions=None, *, features_only: bool = False, out
     elif out_indices is not None:
         raise UserError(f"out_indices: only a backbone takes them; pass features_only=True with "
                         f"out_indices={out_indices!r}")
-    allowed = [k for k in spec.cls.CONFIG_KEYS if k != "directions"]
-    for key in overrides:
-        if key not in allowed:
-            raise UserError(f"{key}: not an option of {spec.name}; expected one of {', '.join(allowed)}")
+    check_model_args(spec, overrides)
     config = {**spec.defaults, **overrides}
     if spec.search:
         if directions is not None:

@@ -85,7 +85,7 @@ def test_bad_options(tmp_path):
         create_model("local_vim_demo_search", directions=GOOD)
     with pytest.raises(ValueError, match=r"colour: not an option of local_vim_demo; expected one of .*img_size"):
         create_model("local_vim_demo", colour="red")
-    with pytest.raises(ValueError, match=r"scattn: unknown mode 'spatial'; expected one of channel, full"):
+    with pytest.raises(ValueError, match=r"scattn: expected one of channel, full, got 'spatial'"):
         create_model("local_vim_demo", scattn="spatial")
     with pytest.raises(ValueError, match=r"directions: arch file '.*missing.yaml' not found"):
         create_model("local_vim_demo", directions=str(tmp_path / "missing.yaml"))
@@ -93,5 +93,5 @@ def test_bad_options(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "layers": []}))
     with pytest.raises(ValueError, match=r"has no 'directions' key"):
         create_model("local_vim_demo", directions=path)
-    with pytest.raises(ValueError, match=r"backend: unknown backend 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend: expected one of auto, .*, got 'cuda'"):
         create_model("local_vssm_demo", backend="cuda")
