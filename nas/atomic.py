@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import os
 import tempfile
@@ -48,6 +49,23 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         if isinstance(exc, OSError):
             raise write_error(path, exc) from None
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str):
+    """``with exclusive_lock(path):`` one process at a time (an OS ``flock`` on ``path``, created if missing; others
+    wait). The kernel drops it when the holder exits however it exits, so it is never stale; the file stays
+    (removing it while another process waits on it would let two in). A lock file that cannot be made is a
+    ``WriteError``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def write_error(path: str, exc: OSError) -> WriteError:

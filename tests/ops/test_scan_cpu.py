@@ -160,7 +160,8 @@ def test_build_is_cached_and_atomic(tmp_path):
     (so,) = tmp_path.glob("cpu_kernels-*.so")
     mtime = so.stat().st_mtime_ns
     cpu_kernels.build(tmp_path)
-    assert so.stat().st_mtime_ns == mtime and sorted(tmp_path.iterdir()) == [so]  # no temporary left behind
+    beside = [so.with_suffix(".lock"), so.with_name(so.name + ".sha256")]  # the build lock, the size and hash
+    assert so.stat().st_mtime_ns == mtime and sorted(tmp_path.iterdir()) == sorted([so, *beside])  # no temporary
 
 
 @pytest.fixture

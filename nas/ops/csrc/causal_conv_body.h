@@ -29,10 +29,10 @@ typedef struct {
 static int NAME(conv_alloc)(NAME(conv_scratch) *s, int64_t S, int64_t k) {
     int64_t nv = (S + W - 1) / W;
     size_t pad = round64((size_t)(nv * W + k) * sizeof(REAL)), vecs = round64((size_t)nv * sizeof(VEC));
-    s->xp = aligned_alloc(64, pad);
-    s->gp = aligned_alloc(64, pad);
-    s->a = aligned_alloc(64, vecs);
-    s->out = aligned_alloc(64, vecs);
+    s->xp = alloc64(pad);
+    s->gp = alloc64(pad);
+    s->a = alloc64(vecs);
+    s->out = alloc64(vecs);
     return s->xp && s->gp && s->a && s->out;
 }
 

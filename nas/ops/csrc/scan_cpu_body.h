@@ -77,17 +77,17 @@ typedef struct {
 static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backward) {
     memset(s, 0, sizeof(*s));
     size_t ln = (size_t)(L * N);
-    s->Bt = aligned_alloc(64, round64(ln * sizeof(REAL)));
-    s->Ct = aligned_alloc(64, round64(ln * sizeof(REAL)));
+    s->Bt = alloc64(round64(ln * sizeof(REAL)));
+    s->Ct = alloc64(round64(ln * sizeof(REAL)));
     int ok = s->Bt && s->Ct;
     VEC **lanes[] = {&s->ut, &s->dtt, &s->zt, &s->gyt, &s->spg, &s->o1, &s->o2, &s->o3};
-    for (int i = 0; i < 8; i++) ok = ok && (*lanes[i] = aligned_alloc(64, round64((size_t)L * sizeof(VEC))));
+    for (int i = 0; i < 8; i++) ok = ok && (*lanes[i] = alloc64(round64((size_t)L * sizeof(VEC))));
     VEC **states[] = {&s->A2, &s->Av};
-    for (int i = 0; i < 2; i++) ok = ok && (*states[i] = aligned_alloc(64, round64((size_t)N * sizeof(VEC))));
+    for (int i = 0; i < 2; i++) ok = ok && (*states[i] = alloc64(round64((size_t)N * sizeof(VEC))));
     if (backward) {
-        ok = ok && (s->H = aligned_alloc(64, round64((ln + (size_t)N) * sizeof(VEC))));
+        ok = ok && (s->H = alloc64(round64((ln + (size_t)N) * sizeof(VEC))));
         VEC **big[] = {&s->DA, &s->gBa, &s->gCa};
-        for (int i = 0; i < 3; i++) ok = ok && (*big[i] = aligned_alloc(64, round64(ln * sizeof(VEC))));
+        for (int i = 0; i < 3; i++) ok = ok && (*big[i] = alloc64(round64(ln * sizeof(VEC))));
     }
     return ok;
 }

@@ -3,6 +3,9 @@
  */
 #ifndef NAS_VEC_MATH_H
 #define NAS_VEC_MATH_H
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200112L /* posix_memalign and pthreads under a strict CC="gcc -std=c99" too */
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -16,6 +19,12 @@
 #endif
 
 static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+
+/* n bytes aligned to 64, or NULL (free() releases them) */
+static void *alloc64(size_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
+}
 
 /* One vector is one register: 64 bytes with AVX-512, else 32 (AVX2; narrower SIMD takes two). A vector wider
  * than the machine's registers compiles to spills and element-by-element compares, several times slower. */
