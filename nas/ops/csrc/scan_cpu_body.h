@@ -17,6 +17,13 @@
  * depend on the thread count.
  */
 
+/* State vectors on the stack up to this many (the N = 16 copy keeps them in registers), in the scratch above
+ * it: the backward's three arrays of N vectors would overflow a thread's stack (512 KB on macOS) from N of
+ * a few thousand. */
+#ifndef STACK_STATES
+#define STACK_STATES 64
+#endif
+
 typedef struct {
     const REAL *u, *delta, *A, *B, *C, *D, *z, *bias, *gy, *g_last;
     REAL *y, *last, *gu, *gdelta, *gz, *gA, *gD, *gbias, *gB, *gC;
@@ -72,6 +79,7 @@ typedef struct {
     VEC *A2, *Av;                           /* (N) lanes */
     VEC *H, *DA;                            /* (L + 1, N) states, (L, N) decays (backward) */
     VEC *gBa, *gCa;                         /* (L, N) lane-wise sums of gB, gC over the block (backward) */
+    VEC *states;                            /* (3, N) h, carry, gA where N > STACK_STATES, else NULL */
 } NAME(scratch);
 
 static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backward) {
@@ -84,6 +92,7 @@ static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backw
     for (int i = 0; i < 8; i++) ok = ok && (*lanes[i] = alloc64(round64((size_t)L * sizeof(VEC))));
     VEC **states[] = {&s->A2, &s->Av};
     for (int i = 0; i < 2; i++) ok = ok && (*states[i] = alloc64(round64((size_t)N * sizeof(VEC))));
+    if (N > STACK_STATES) ok = ok && (s->states = alloc64(round64(3 * (size_t)N * sizeof(VEC))));
     if (backward) {
         ok = ok && (s->H = alloc64(round64((ln + (size_t)N) * sizeof(VEC))));
         VEC **big[] = {&s->DA, &s->gBa, &s->gCa};
@@ -94,7 +103,7 @@ static int NAME(scratch_alloc)(NAME(scratch) *s, int64_t L, int64_t N, int backw
 
 static void NAME(scratch_free)(NAME(scratch) *s) {
     void *p[] = {s->Bt, s->Ct, s->ut, s->dtt, s->zt, s->gyt, s->spg, s->o1, s->o2, s->o3,
-                 s->A2, s->Av, s->H, s->DA, s->gBa, s->gCa};
+                 s->A2, s->Av, s->H, s->DA, s->gBa, s->gCa, s->states};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) free(p[i]);
 }
 
@@ -146,8 +155,9 @@ static inline __attribute__((always_inline)) void NAME(forward_item_n)(const NAM
     for (int64_t c0 = ch0; c0 < ch1; c0 += W) {
         int64_t nl = ch1 - c0 < W ? ch1 - c0 : W;
         NAME(load_channels)(j, s, b, c0, nl, 0);
-        VEC Dv = NAME(load_vec)(j->D ? j->D + c0 : NULL, nl, 0), h[N];
-        memset(h, 0, sizeof h);
+        VEC Dv = NAME(load_vec)(j->D ? j->D + c0 : NULL, nl, 0);
+        VEC h_stack[N <= STACK_STATES ? N : 1], *h = N <= STACK_STATES ? h_stack : s->states;
+        memset(h, 0, (size_t)N * sizeof(VEC));
         for (int64_t t = 0; t < L; t++) {
             VEC dtv = s->dtt[t], dtx = dtv * s->ut[t], y = {0};
             const REAL *Bt = s->Bt + t * N, *Ct = s->Ct + t * N;
@@ -210,9 +220,11 @@ static inline __attribute__((always_inline)) void NAME(backward_item_n)(const NA
             gDv += gy * s->ut[t];
         }
         /* the adjoint backwards in time: carry = a_{t+1} * dL/dh_{t+1}, starting from dL/dh_{L-1} */
-        VEC carry[N], gA[N], gbv = {0};
-        memset(carry, 0, sizeof carry);
-        memset(gA, 0, sizeof gA);
+        VEC carry_stack[N <= STACK_STATES ? N : 1], gA_stack[N <= STACK_STATES ? N : 1], gbv = {0};
+        VEC *carry = N <= STACK_STATES ? carry_stack : s->states + N;
+        VEC *gA = N <= STACK_STATES ? gA_stack : s->states + 2 * N;
+        memset(carry, 0, (size_t)N * sizeof(VEC));
+        memset(gA, 0, (size_t)N * sizeof(VEC));
         if (j->g_last)
             for (int64_t l = 0; l < nl; l++)
                 for (int64_t n = 0; n < N; n++) carry[n][l] = j->g_last[(b * dim + c0 + l) * N + n];

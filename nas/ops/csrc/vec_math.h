@@ -92,16 +92,16 @@ static inline void transpose16_f32(const float *src, int64_t stride, float *dst)
 }
 #define TRANSPOSE16_F32 transpose16_f32
 #else
-/* 2^x = 2^n 2^f with n = round(x), 2^n put into the exponent bits. Below -126 it returns 0 and above
- * 128 inf; NaN stays NaN. */
+/* 2^x = 2^f 2^a 2^b with n = round(x) = a + b, a = floor(n / 2): each half fits the exponent bits for any
+ * n in [-126, 129], so 2^x is right up to 2^128 (exclusive) and the last product overflows to inf from there,
+ * as the float result must. Below -126 it returns 0; NaN stays NaN. */
 static inline vf exp2_vf(vf x) {
     vf xc = select_vf(x < -126.0f, ZERO_F - 126.0f, x);
-    xc = select_vf(xc > 127.0f, ZERO_F + 127.0f, xc);
+    xc = select_vf(xc > 129.0f, ZERO_F + 129.0f, xc);
     vf n = (xc + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf r = exp2_frac_vf(xc - n) * (vf)e;
+    vi ni = __builtin_convertvector(n, vi), a = ni >> 1;
+    vf r = exp2_frac_vf(xc - n) * (vf)((a + 127) << 23) * (vf)((ni - a + 127) << 23);
     r = select_vf(x < -126.0f, ZERO_F, r);
-    r = select_vf(x > 128.0f, ZERO_F + INFINITY, r);
     return select_vf(x != x, x, r);
 }
 #endif
