@@ -1,11 +1,12 @@
 """The one place where a command turns a user's mistake into one line and an exit code.
 
 ``UserError`` (and its subclasses, ``Preempted`` among them) prints ``PROG: error: message`` and exits 2;
-a stop signal prints where the run stopped and exits 128 + the signal; a second Ctrl-C exits 130. Any
-other exception is a bug and keeps its traceback.
+a stop signal prints where the run stopped (once, on rank 0, under torchrun) and exits 128 + the signal; a
+second Ctrl-C exits 130. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -20,7 +21,8 @@ def run_command(prog: str, body: Callable[[], None], resume_hint: Callable[[], s
     try:
         body()
     except Preempted as exc:  # before UserError, which it is: it has its own exit code
-        print(f"{prog}: {exc}{resume_hint()}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: say it once
+            print(f"{prog}: {exc}{resume_hint()}", file=sys.stderr)
         return exc.exit_code
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -29,3 +31,12 @@ def run_command(prog: str, body: Callable[[], None], resume_hint: Callable[[], s
         print(f"{prog}: interrupted{interrupted_note()}", file=sys.stderr)
         return 130
     return 0
+
+
+def launcher() -> str:
+    """How this command was started, as a resume hint writes it: ``torchrun --nproc_per_node N`` under torchrun
+    on one machine, ``torchrun ...`` (the same options) on several, else ``python``."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return "python"
+    local, world = os.environ.get("LOCAL_WORLD_SIZE", "1"), os.environ.get("WORLD_SIZE", "1")
+    return f"torchrun --nproc_per_node {local}" if local == world else "torchrun <the same options>"

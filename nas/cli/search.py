@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import yaml
 
 from nas import config as cfglib
-from nas.cli.command import run_command
+from nas.cli.command import launcher, run_command
 from nas.engine.session import check_out_folder, find_resume, resume_changes, saved_config
 from nas.errors import UserError
 from nas.search.run import DEFAULT_CONFIG, RESUME_SAFE, SEARCH_DEFAULTS, SPACES, check_config, run_search, settle
@@ -92,8 +93,10 @@ def run_tune_command(args, cfg: dict, out: str) -> None:
     if args.tune is not None:
         best = run_study(cfg, out, args.tune, args.storage, args.study)
         value = "none completed" if best["value"] is None else f"{best['value']:.2f}"
+        stopped = f" ({best['trials']['stopped']} stopped by a signal and queued again)" \
+            if best["trials"].get("stopped") else ""
         print(f"study {best['study_name']!r}: {best['trials']['complete']} complete, {best['trials']['pruned']} "
-              f"pruned, {best['trials']['fail']} failed; best trial {best['best_trial']} ({value}) "
+              f"pruned, {best['trials']['fail']} failed{stopped}; best trial {best['best_trial']} ({value}) "
               f"{best['params']}\nwrote {out}/best.yaml")
     elif args.baseline is not None:
         print(f"wrote {run_baseline(args.baseline, cfg, out, args.storage, args.study)}")
@@ -102,7 +105,8 @@ def run_tune_command(args, cfg: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parse_args(argv)
     folder = {"out": None}  # known once the config is resolved; the stop messages name it
 
     def body():
@@ -118,5 +122,9 @@ def main(argv=None) -> int:
         out = folder["out"]
         return f"; {out} keeps its last checkpoint" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
 
-    return run_command("search.py", body, resume_hint=lambda: f" (python search.py --out {folder['out']} --resume)",
-                       interrupted_note=kept)
+    def resume_hint():
+        if args.tune is not None or args.baseline or args.compare:  # they continue their stopped trial themselves
+            return f" (python search.py {shlex.join(argv)})"
+        return f" ({launcher()} search.py --out {folder['out']} --resume)"
+
+    return run_command("search.py", body, resume_hint=resume_hint, interrupted_note=kept)

@@ -40,7 +40,8 @@ from nas.tune.selection import selection_data
 from nas.tune.space import TuneError, resolve_tune
 from nas.tune.storage import open_storage
 from nas.tune.study import (check_run_folder, make_sampler, open_study, optimize_until, pruning_callback,
-                            quiet_optuna, report_logged, setup_fingerprint, start_trial, study_name_of)
+                            quiet_optuna, removed_unless_opened, report_logged, setup_fingerprint, start_trial,
+                            stop_means_retry, study_name_of)
 
 BASELINES = ("fixed", "random", "published", "tpe")
 FIXED = ("h", "h_flip", "v", "v_flip")
@@ -173,7 +174,8 @@ class DirectionObjective:
         write_arch(arch, arch_path)
         overrides = retrain_overrides(self.tune, self.tune["baseline"]["tpe_epochs"], 0)
         cfg = retrain_config(arch, arch_path, self.search_cfg, overrides, inherit=False)
-        record = run_retrain(cfg, run_dir, on_epoch=pruning_callback(trial))
+        with stop_means_retry(trial):
+            record = run_retrain(cfg, run_dir, on_epoch=pruning_callback(trial))
         report_logged(trial, run_dir)  # the per-epoch values, in case the retraining did not call on_epoch
         trial.set_user_attr("directions", arch["directions"])
         return record["val_top1"]
@@ -185,16 +187,17 @@ def run_tpe(cfg: dict, out: str, storage: str | None = None, study_name: str | N
     tune = resolve_tune(cfg, need_params=False)
     check_run_folder(out)
     root = os.path.join(out, "baselines", "tpe")
-    os.makedirs(root, exist_ok=True)
-    data_cfg = selection_data(cfg, tune["selection_fraction"], out)
-    store, where = open_storage(storage, root, tune["heartbeat"])
     seed = tune["sampler"]["seed"] if tune["sampler"]["seed"] is not None else cfg["seed"]
-    objective = DirectionObjective(cfg, tune, root, data_cfg, seed)
-    fingerprint = {"kind": "tpe", **setup_fingerprint(cfg), "layers": objective.layers, "k": objective.layout.k,
-                   "tpe_epochs": tune["baseline"]["tpe_epochs"], "recipe": tune["compare"]["retrain"],
-                   "selection_fraction": tune["selection_fraction"]}
     name = study_name or f"{study_name_of(out)}_tpe"
-    study = open_study(name, store, make_sampler(tune, seed), optuna.pruners.NopPruner(), fingerprint)
+    with removed_unless_opened(out):
+        os.makedirs(root, exist_ok=True)
+        data_cfg = selection_data(cfg, tune["selection_fraction"], out)
+        store, where = open_storage(storage, root, tune["heartbeat"])
+        objective = DirectionObjective(cfg, tune, root, data_cfg, seed)
+        fingerprint = {"kind": "tpe", **setup_fingerprint(cfg), "layers": objective.layers,
+                       "k": objective.layout.k, "tpe_epochs": tune["baseline"]["tpe_epochs"],
+                       "recipe": tune["compare"]["retrain"], "selection_fraction": tune["selection_fraction"]}
+        study = open_study(name, store, make_sampler(tune, seed), optuna.pruners.NopPruner(), fingerprint)
     optimize_until(study, objective, tpe_budget(cfg, tune), tune["heartbeat"]["max_retry"])
     metric = ("top-1 (%) on the selection split after training the derived model for "
               f"{tune['baseline']['tpe_epochs']} epoch(s)")

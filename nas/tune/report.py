@@ -24,6 +24,7 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.atomic import atomic_write
+from nas.tune.storage import STOPPED
 from nas.viz import save_figure
 
 FIGURES = {"optimization_history": "plot_optimization_history", "param_importances": "plot_param_importances",
@@ -60,6 +61,9 @@ def draw_figures(study: optuna.Study, folder: str) -> tuple[dict, dict]:
 def summarize(study: optuna.Study, where: dict, metric: str) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    # a trial a stop signal ended is no failure: its retry continues it (nas.tune.storage.requeue_stopped_trials)
+    counts["stopped"] = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(STOPPED)) for t in trials)
+    counts["fail"] -= counts["stopped"]
     doc = {"study_name": study.study_name, **where, "best_trial": None, "value": None, "params": None,
            "run_dir": None, "host": None, "metric": metric, "trials": counts}
     if counts["complete"]:

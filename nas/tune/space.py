@@ -17,9 +17,8 @@ from __future__ import annotations
 import copy
 
 from nas import config as cfglib
-from nas.data import resolve_data_config
 from nas.errors import UserError
-from nas.search.run import SEARCH_DEFAULTS
+from nas.search.run import SEARCH_DEFAULTS, check_config
 from nas.search.strategies import check_strategy
 
 TUNE_DEFAULTS = {
@@ -118,10 +117,10 @@ def _check_spec(key: str, spec) -> dict:
 
 
 def check_trial_config(cfg: dict, where: str) -> None:
-    """What the search checks before training, for a config with sampled values."""
+    """What the search checks before training (every setting, against the model and its candidates too),
+    for a config with sampled values."""
     try:
-        check_strategy(cfg["strategy"])
-        resolve_data_config(cfg["data"])
+        check_config(cfg)
     except UserError as exc:  # a sampled value the search would refuse: say which
         raise TuneError(f"{where}: {exc}") from None
 

@@ -13,6 +13,9 @@ Storage (``open_storage``; ``best.yaml`` records ``storage`` and ``storage_type`
   of an existing journal file opens it (Optuna's ``JournalStorage``), so old studies load and continue.
 Open any of them for reading with ``nas.tune.load_study``.
 
+A trial that Ctrl-C or SIGTERM stopped (its run wrote a checkpoint first) is failed by Optuna and queued again at
+once, with no retry limit (``requeue_stopped_trials``); like a killed worker's, its retry continues its folder.
+
 Killed workers, two ways; both mark the trial FAIL and re-queue it with ``RetryHeartbeatStaleTrialCallback``
 (same parameters, a new trial number, up to ``heartbeat.max_retry`` times); the retry continues the killed
 trial's run folder from its last checkpoint (``nas.tune.study.trial_folder``):
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 
@@ -48,6 +52,7 @@ OLD_JOURNAL = "study.journal"  # the default storage before study.db
 SQLITE_TIMEOUT = 60  # seconds a SQLite writer waits for another's lock (each holds it for milliseconds)
 SQLITE_HEADER = b"SQLite format 3\x00"
 WORKER_ATTRS = ("host", "pid")  # user attributes naming the process that runs a trial
+STOPPED = "stopped_by_signal"  # user attribute of a trial a stop signal ended: it is queued again
 
 
 def is_url(storage: str) -> bool:
@@ -61,6 +66,18 @@ def sqlite_url(path: str) -> str:
 def is_sqlite_file(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+
+
+def is_journal_file(path: str) -> bool:
+    """Optuna's journal: one JSON object per line, each with an ``op_code`` (an empty file is a new journal)."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return not first
+    try:
+        return "op_code" in json.loads(first)
+    except (ValueError, TypeError):  # not JSON (or not UTF-8), or JSON but no object
+        return False
 
 
 def run_folder_file(run_dir: str) -> str:
@@ -84,6 +101,9 @@ def locate(storage: str | None, run_dir: str) -> dict:
                         f"(for a new SQLite file give sqlite:///{os.path.abspath(storage)})")
     if is_sqlite_file(storage):
         return {"storage": sqlite_url(storage), "storage_type": "rdb"}
+    if not is_journal_file(storage):
+        raise TuneError(f"--storage: {storage} is neither a SQLite database nor an Optuna journal file; give the "
+                        f"study's database (its URL, or the path of its SQLite or journal file)")
     return {"storage": os.path.abspath(storage), "storage_type": "journal"}
 
 
@@ -165,6 +185,24 @@ def fail_dead_local_trials(study: optuna.Study, max_retry: int | None) -> list[i
         retry(study, dead)
         failed.append(trial.number)
     return failed
+
+
+def requeue_stopped_trials(study: optuna.Study) -> list[int]:
+    """Queue again, with no retry limit, the trials a stop signal ended in this process
+    (``nas.tune.study.stop_means_retry``; Optuna failed them) that are not queued yet; returns their numbers.
+    The stop wrote a checkpoint, so the retry continues the trial's folder where it stopped. Only the process
+    that ran a trial queues it: two workers could not both see it unqueued."""
+    trials = study.get_trials(deepcopy=True)
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    mine = worker_attrs()
+    requeued = []
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(STOPPED) and trial.number not in retried \
+                and all(trial.user_attrs.get(k) == v for k, v in mine.items()):
+            trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != STOPPED}
+            retry_callback(None)(study, trial)
+            requeued.append(trial.number)
+    return requeued
 
 
 def load_study(path: str, study_name: str | None = None) -> optuna.Study:

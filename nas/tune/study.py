@@ -16,22 +16,27 @@ figures (``nas.tune.report``); the last worker to finish writes the final ones.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import warnings
 
 import optuna
 from optuna.trial import TrialState
 
 from nas.engine.loop import NonFiniteLoss
+from nas.engine.preempt import Preempted
 from nas.engine.run_log import epoch_records
 from nas.search.run import run_search
 from nas.tune.report import write_best
 from nas.tune.selection import selection_data
 from nas.tune.space import TuneError, apply_params, check_trial_config, resolve_tune, suggest
-from nas.tune.storage import fail_dead_local_trials, open_storage, worker_attrs
+from nas.tune.storage import STOPPED, fail_dead_local_trials, open_storage, requeue_stopped_trials, worker_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# what a stop signal raises in a trial: a stop after a checkpoint, or a second signal (stop at once)
+STOPPED_BY_SIGNAL = (Preempted, KeyboardInterrupt)
 
 
 def quiet_optuna() -> None:
@@ -64,6 +69,21 @@ def check_run_folder(out: str) -> None:
         raise TuneError(f"--out: {out!r} holds a search run (last.pt); give the study a folder of its own")
 
 
+@contextlib.contextmanager
+def removed_unless_opened(folder: str):
+    """``with removed_unless_opened(out):`` create ``out`` for a study; if this command created it and the block
+    fails (a storage that cannot be opened, another setup's study), remove it again: a command that fails
+    before its study is open leaves no folder behind."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def open_study(name: str, storage, sampler, pruner, fingerprint: dict) -> optuna.Study:
     """Create the study, or join it when it exists; refuse one made for another space or config."""
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
@@ -88,7 +108,9 @@ def setup_fingerprint(cfg: dict) -> dict:
 
 
 def optimize_until(study: optuna.Study, objective, n_trials: int, max_retry: int | None) -> None:
-    """Run trials in this process until the study holds n_trials finished ones (others' running ones count)."""
+    """Run trials in this process until the study holds n_trials finished ones (others' running ones count).
+    A trial stopped by a signal (Ctrl-C, a scheduler's SIGTERM) is queued again and the stop ends this worker;
+    the next worker to begin a trial continues it."""
     while True:
         fail_dead_local_trials(study, max_retry)
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
@@ -97,7 +119,26 @@ def optimize_until(study: optuna.Study, objective, n_trials: int, max_retry: int
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if done + running >= n_trials:
             return
-        study.optimize(objective, n_trials=1, gc_after_trial=True)
+        try:
+            study.optimize(objective, n_trials=1, gc_after_trial=True)
+        except STOPPED_BY_SIGNAL:
+            requeue_stopped_trials(study)
+            raise
+        finally:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # see stop_means_retry
+
+
+@contextlib.contextmanager
+def stop_means_retry(trial: optuna.Trial):
+    """``with stop_means_retry(trial):`` around a trial's run: a stop signal (Ctrl-C, a scheduler's SIGTERM),
+    after which the run has written its checkpoint, marks the trial to be queued again (``optimize_until``)
+    instead of being a failure that Optuna would log with a traceback."""
+    try:
+        yield
+    except STOPPED_BY_SIGNAL:
+        trial.set_user_attr(STOPPED, True)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        raise
 
 
 def frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
@@ -164,7 +205,8 @@ class SearchObjective:
         check_trial_config(cfg, f"trial {trial.number}")
         report_logged(trial, run_dir)
         try:
-            result = run_search(cfg, run_dir, on_epoch=pruning_callback(trial))
+            with stop_means_retry(trial):
+                result = run_search(cfg, run_dir, on_epoch=pruning_callback(trial))
         except NonFiniteLoss as exc:
             trial.set_user_attr("stopped", str(exc))
             raise optuna.TrialPruned(f"stopped: {exc}") from None
@@ -183,14 +225,15 @@ def run_study(cfg: dict, out: str, n_trials: int, storage: str | None = None, st
     quiet_optuna()
     tune = resolve_tune(cfg)
     check_run_folder(out)
-    os.makedirs(out, exist_ok=True)
-    data_cfg = selection_data(cfg, tune["selection_fraction"], out)
-    store, where = open_storage(storage, out, tune["heartbeat"])
     seed = tune["sampler"]["seed"] if tune["sampler"]["seed"] is not None else cfg["seed"]
     fingerprint = {"kind": "search", **setup_fingerprint(cfg), "epochs": cfg["train"]["epochs"],
                    "params": tune["params"], "selection_fraction": tune["selection_fraction"]}
     name = study_name or study_name_of(out)
-    study = open_study(name, store, make_sampler(tune, seed), make_pruner(tune, cfg["train"]["epochs"]), fingerprint)
+    with removed_unless_opened(out):
+        data_cfg = selection_data(cfg, tune["selection_fraction"], out)
+        store, where = open_storage(storage, out, tune["heartbeat"])
+        study = open_study(name, store, make_sampler(tune, seed), make_pruner(tune, cfg["train"]["epochs"]),
+                           fingerprint)
     optimize_until(study, SearchObjective(cfg, tune, out, data_cfg, seed), n_trials, tune["heartbeat"]["max_retry"])
     metric = ("supernet top-1 (%) on the selection split (held-out training images)" if data_cfg is not None
               else "supernet val_top1 (%) of the last epoch")
