@@ -16,13 +16,11 @@ from typing import Callable
 
 from nas import config as cfglib
 from nas.cli.command import run_command
-from nas.data import DATA_DEFAULTS
-from nas.data.errors import DataError
-from nas.derive.arch_file import BASELINE_CONFIG, baseline_config, check_arch, load_arch, stale_reason
+from nas.derive.arch_file import baseline_config, check_arch, load_arch, stale_reason
 from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
                                searched_k, write_arch)
 from nas.derive.retrain import (RETRAIN_DEFAULTS, check_retrain_config, retrain_config, retrained_directions,
-                                run_retrain)
+                                run_retrain, search_data_named)
 
 
 
@@ -63,12 +61,20 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def read_run_warned(run_dir: str) -> dict:
+    """``read_run``, saying on stderr when a damaged last.pt made it read the checkpoint before."""
+    run = read_run(run_dir)
+    if run["warning"]:
+        print(f"derive.py: {run['warning']}", file=sys.stderr)
+    return run
+
+
 def derive(run_dir: str, k=None, distinct: bool = False) -> None:
     """Write RUN/arch.yaml and the figures; print the table and the lists."""
     if baseline_config(run_dir) is not None:
         raise DeriveError(f"run: {run_dir!r} is a baseline's folder: its arch.yaml was chosen without alphas, so there "
                           f"is nothing to derive; retrain it with python derive.py {run_dir} --retrain")
-    run = read_run(run_dir)
+    run = read_run_warned(run_dir)
     publish(make_arch(run, run_dir, searched_k(run) if k is None else k, distinct), run, run_dir)
 
 
@@ -76,7 +82,7 @@ def publish(arch: dict, run: dict, run_dir: str) -> None:
     """Write arch.yaml and the figures of a derived architecture; print the table and the lists."""
     path = os.path.join(run_dir, "arch.yaml")
     write_arch(arch, path)
-    figures = draw_figures(arch, run["history"], run_dir)
+    figures = draw_figures(arch, run["history"], run_dir, run["grids"])
     print(f"derived {arch['model']} from {run['model']} at search epoch {arch['epoch']} "
           f"({len(arch['directions'])} layers, the {kept_rule(arch)} of each)\n")
     print(format_table(arch))
@@ -120,7 +126,7 @@ def _asked_retraining(args, overrides) -> tuple[dict, Callable[[], None] | None]
             raise DeriveError(f"-k/--distinct: {arch_path} is a baseline's architecture; it keeps the directions it "
                               f"was chosen with")
         return retrain_config(load_arch(arch_path), arch_path, search_cfg, overrides, args.inherit), None
-    run = read_run(args.run)
+    run = read_run_warned(args.run)
     fresh = not os.path.isfile(arch_path)
     if fresh:
         arch = make_arch(run, args.run, searched_k(run) if args.k is None else args.k, args.distinct)
@@ -135,23 +141,6 @@ def _asked_retraining(args, overrides) -> tuple[dict, Callable[[], None] | None]
             raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then retrain")
     cfg = retrain_config(arch, arch_path, run["config"], overrides, args.inherit)
     return cfg, (lambda: publish(arch, run, args.run)) if fresh else None
-
-
-def inherited_data_note(message: str, run_dir: str) -> str:
-    """Where the data settings an error names came from when the search's config set them (a retraining takes
-    its data settings from the search, --data changes only the path)."""
-    search_cfg = baseline_config(run_dir)
-    path = os.path.join(run_dir, BASELINE_CONFIG if search_cfg is not None else "config.yaml")
-    if search_cfg is None:
-        if not os.path.isfile(path):
-            return ""
-        search_cfg = cfglib.load_yaml(path, "run")
-    named = [f"data.{key} {value}" for key, value in (search_cfg.get("data") or {}).items()
-             if key != "path" and value is not None and value != DATA_DEFAULTS.get(key) and f"data.{key}" in message]
-    if not named:
-        return ""
-    return (f" ({', '.join(named)}: the search's setting, from {path}, which the retraining keeps; "
-            f"override it on the command line, e.g. --{named[0].split()[0]} null)")
 
 
 def same_retraining(saved: dict, cfg: dict, out: str) -> None:
@@ -182,11 +171,9 @@ def main(argv=None) -> int:
                 raise DeriveError(f"arguments {' '.join(rest)}: overrides only apply with --retrain")
             derive(args.run, args.k, args.distinct)
             return
-        try:
+        with search_data_named(args.run):
             cfg, out = prepare_retrain(args, rest)
             record = run_retrain(cfg, out)
-        except DataError as exc:
-            raise DataError(f"{exc}{inherited_data_note(str(exc), args.run)}") from None
         print(summary(cfg, record, args.run, out))
 
     return run_command("derive.py", body)

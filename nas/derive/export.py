@@ -27,6 +27,7 @@ from nas import config as cfglib
 from nas.atomic import atomic_write
 from nas.engine import checkpoint
 from nas.engine.lock import lock_holder
+from nas.engine.session import find_resume
 from nas.errors import UserError
 from nas.models import alpha_state_keys, check_candidates, create_model, derive_directions
 from nas.models.registry import model_spec
@@ -93,8 +94,9 @@ def read_run(run_dir: str) -> dict:
     """The search run's config, latest probabilities (and the epoch they are from), per-epoch history, and
     each layer's token grid and coinciding directions.
 
-    Reads ``last.pt`` (its alphas) when present, else the last epoch of ``alphas.json``; a run stopped inside
-    an epoch is derived from the last finished epoch (``alphas.json``)."""
+    Reads ``last.pt`` (its alphas) when present (when it is damaged, the checkpoint search.py resumes from, and
+    ``warning`` says so), else the last epoch of ``alphas.json``; a run stopped inside an epoch is derived from
+    the last finished epoch (``alphas.json``)."""
     if not os.path.isdir(run_dir):
         raise DeriveError(f"run: {run_dir!r} is not a folder")
     cfg_path, last, history_path = (os.path.join(run_dir, n) for n in ("config.yaml", "last.pt", "alphas.json"))
@@ -110,14 +112,20 @@ def read_run(run_dir: str) -> dict:
     except UserError as exc:
         raise DeriveError(f"run: {cfg_path}: {exc}") from None
     history = _read_history(history_path, candidates) if os.path.isfile(history_path) else None
-    model_name, epoch, scores = cfg["model"], None, None
+    model_name, epoch, scores, warning = cfg["model"], None, None, None
     if os.path.isfile(last):
         try:
             state = checkpoint.load(last)
-        except UserError:  # damaged, truncated or foreign (nas.engine.checkpoint.CheckpointError)
-            fallback = f"; move it away to derive from {history_path}" if history is not None else ""
-            raise DeriveError(f"run: {last} could not be read as a checkpoint (damaged, truncated or not written "
-                              f"by search.py){fallback}") from None
+        except checkpoint.CheckpointError:  # the checkpoint search.py resumes from instead (prev.pt or best.pt)
+            try:
+                point = find_resume(run_dir)
+            except UserError:  # every checkpoint damaged, truncated or foreign
+                fallback = f"; move them away to derive from {history_path}" if history is not None else ""
+                raise DeriveError(f"run: {last} could not be read as a checkpoint (damaged, truncated or not "
+                                  f"written by search.py), nor prev.pt or best.pt{fallback}") from None
+            state = point.state
+            warning = (f"warning: {'; '.join(point.damaged)}; derived from {point.name} ({point.where}), the "
+                       f"checkpoint search.py resumes from")
         model_name = state.get("model_name", model_name)
         loop = state.get("loop") or {}
         epoch = loop.get("epoch")
@@ -155,7 +163,7 @@ def read_run(run_dir: str) -> dict:
         raise DeriveError(f"run: {run_dir!r} holds alphas over {scores.shape[1]} candidates, but its config "
                           f"{cfg_path} names {len(candidates)} ({', '.join(candidates)})")
     return {"config": cfg, "model": model_name, "epoch": epoch, "candidates": candidates, "scores": scores,
-            "probs": scores.softmax(1),
+            "probs": scores.softmax(1), "warning": warning,
             "history": history, "grids": grids, "coinciding": coinciding_per_layer(model)}
 
 
@@ -276,9 +284,17 @@ def python_literal(arch: dict) -> str:
     return f"directions = [\n{lines},\n]"
 
 
-def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
-    """alphas.png, alpha_history.png (when the run kept a history) and scan_orders.png under figures/,
-    also added to the run's TensorBoard log. Returns the PNG paths."""
+def drawn_grid(grids: list[tuple[int, int]]) -> tuple[int, int]:
+    """The token grid the scan drawings use: the largest one of the model's layers that a drawing can show
+    (at most 16 tokens a side), else its smallest."""
+    fitting = [g for g in grids if max(g) <= 16]
+    return max(fitting, key=lambda g: g[0] * g[1]) if fitting else min(grids, key=lambda g: g[0] * g[1])
+
+
+def draw_figures(arch: dict, history: dict | None, run_dir: str, grids: list[tuple[int, int]]) -> list[str]:
+    """alphas.png, alpha_history.png (when the run kept a history) and scan_orders.png (on the token grid of the
+    model's layers, ``drawn_grid``) under figures/, also added to the run's TensorBoard log. Returns the PNG
+    paths."""
     from torch.utils.tensorboard import SummaryWriter
 
     folder = os.path.join(run_dir, "figures")
@@ -288,7 +304,7 @@ def draw_figures(arch: dict, history: dict | None, run_dir: str) -> list[str]:
                                        stage_ends(arch["model_args"].get("depths")
                                                   or model_spec(arch["model"]).defaults.get("depths")),
                                        coinciding=arch.get("coinciding"), candidates=candidates_of(arch)),
-               "scan_orders": scan_orders_figure(candidates=candidates_of(arch))}
+               "scan_orders": scan_orders_figure(*drawn_grid(grids), candidates=candidates_of(arch))}
     if history is not None:
         figures["alpha_history"] = alpha_history_figure(history["epochs"], arch["directions"],
                                                         candidates=candidates_of(arch))

@@ -8,6 +8,7 @@ and the command line override it (the demo's retraining is shorter and has no mi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -15,6 +16,8 @@ import torch
 
 from nas import config as cfglib
 from nas.data import DATA_DEFAULTS, build_datasets, build_loader, resolve_data_config
+from nas.data.errors import DataError
+from nas.derive.arch_file import BASELINE_CONFIG, baseline_config
 from nas.derive.export import DeriveError, candidates_of
 from nas.engine import checkpoint
 from nas.errors import UserError
@@ -98,6 +101,31 @@ def retrain_config(arch: dict, arch_path: str, search_cfg: dict, overrides: dict
     cfg = cfglib.merge(RETRAIN_DEFAULTS, base, "arch")
     cfg = cfglib.merge(cfg, search_cfg.get("retrain") or {}, "search config's retrain section", RETRAIN_DEFAULTS)
     return cfglib.merge(cfg, overrides, "command line", RETRAIN_DEFAULTS)
+
+
+@contextlib.contextmanager
+def search_data_named(run_dir: str):
+    """``with search_data_named(RUN):`` a data error of the retraining names the data settings it kept from the
+    search's config (``--data`` changes only the path; data.images_per_class 12 may not fit a new folder)."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"{exc}{_search_data_note(str(exc), run_dir)}") from None
+
+
+def _search_data_note(message: str, run_dir: str) -> str:
+    search_cfg = baseline_config(run_dir)
+    path = os.path.join(run_dir, BASELINE_CONFIG if search_cfg is not None else "config.yaml")
+    if search_cfg is None:
+        if not os.path.isfile(path):
+            return ""
+        search_cfg = cfglib.load_yaml(path, "run")
+    named = [f"data.{key} {value}" for key, value in (search_cfg.get("data") or {}).items()
+             if key != "path" and value is not None and value != DATA_DEFAULTS.get(key) and f"data.{key}" in message]
+    if not named:
+        return ""
+    return (f" ({', '.join(named)}: the search's setting, from {path}, which the retraining keeps; "
+            f"override it on the command line, e.g. --{named[0].split()[0]} null)")
 
 
 def retrained_directions(cfg: dict) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -33,16 +34,31 @@ def save(state: dict, path: str, keep_previous: bool = False) -> None:
 
 
 def _keep_previous(path: str) -> None:
-    folder = os.path.dirname(path)
-    previous, link = os.path.join(folder, PREVIOUS), os.path.join(folder, f".{PREVIOUS}{TEMP_MARK}{os.getpid()}")
+    _link(path, os.path.join(os.path.dirname(path), PREVIOUS))  # without hard links best.pt stays the fallback
+
+
+def _link(path: str, target: str) -> bool:
+    """Make ``target`` a hard link to ``path`` in one step (a link under a temporary name, then a rename);
+    False where the filesystem has no hard links."""
+    link = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TEMP_MARK}{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(link)
     try:
         os.link(path, link)
-        os.replace(link, previous)
-    except OSError:  # a filesystem without hard links: best.pt stays the fallback
+        os.replace(link, target)
+        return True
+    except OSError:
         with contextlib.suppress(OSError):
             os.unlink(link)
+        return False
+
+
+def restore(path: str, target: str) -> None:
+    """``target`` becomes the checkpoint ``path`` holds (a hard link, else an atomic copy): after a fallback
+    the run folder has a readable last.pt again, even when nothing is left to train."""
+    if not _link(path, target):
+        with open(path, "rb") as src, atomic_write(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def load(path: str, require: tuple[str, ...] = ()) -> dict:

@@ -146,13 +146,16 @@ def find_resume(out: str) -> ResumePoint | None:
 
 def use_resume(point: ResumePoint | None, out: str, env: DistEnv, logger) -> dict | None:
     """The checkpoint dict to resume from; after a fallback, rename the damaged last.pt to
-    last.pt.damaged (so the next checkpoint does not keep it as prev.pt), warn and log what was lost."""
+    last.pt.damaged (so the next checkpoint does not keep it as prev.pt), make last.pt the checkpoint resumed
+    from (the folder stays complete when nothing is left to train), warn and log what was lost."""
     if point is None:
         return None
     if point.damaged:
         last = os.path.join(out, "last.pt")
-        if env.is_main and os.path.isfile(last):
-            os.replace(last, last + ".damaged")
+        if env.is_main:
+            if os.path.isfile(last):
+                os.replace(last, last + ".damaged")
+            checkpoint.restore(os.path.join(out, point.name), last)
         logger.info(f"warning: {'; '.join(point.damaged)}; resuming from {point.name} ({point.where}): the "
                     f"training after it is lost and will be done again")
         logger.event("checkpoint_fallback", damaged=point.damaged, used=point.name,

@@ -29,6 +29,14 @@ def _shorten(items: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _refused(err: pickle.UnpicklingError) -> str:
+    """What torch's weights_only loader refused, as one plain line (its message spans lines, in terminal colours,
+    and suggests weights_only=False)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return next((line.split("error:", 1)[1].split(". ")[0].strip() for line in text.splitlines()
+                 if "WeightsUnpickler error:" in line), type(err).__name__)
+
+
 def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
     """A flat state_dict from a file path or a loaded object.
 
@@ -39,12 +47,16 @@ def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
     if isinstance(obj, (str, os.PathLike)):
         if not os.path.isfile(obj):
             raise UserError(f"checkpoint: file {os.fspath(obj)!r} not found")
+        if os.path.getsize(obj) == 0:
+            raise UserError(f"checkpoint: {os.fspath(obj)!r} could not be read (the file is empty)")
         try:
             obj = torch.load(obj, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"checkpoint: {os.fspath(path_or_state)!r} holds objects other than tensors and plain "
-                             f"containers, which we refuse to unpickle ({first_line})") from err
+                            f"containers, which we refuse to unpickle ({_refused(err)})") from None
+        except (RuntimeError, EOFError, ValueError) as err:  # a truncated zip, a cut pickle, a foreign file
+            raise UserError(f"checkpoint: {os.fspath(path_or_state)!r} could not be read (damaged, truncated or not "
+                            f"a checkpoint: {type(err).__name__})") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint: expected a state_dict or a dict holding 'state_dict' or 'model', "
                          f"got {type(obj).__name__}")

@@ -309,8 +309,9 @@ def _damage(run, case):
     elif case == "alphas_shape":
         json.dump({"directions": list(DIRECTIONS), "epochs": [{"epoch": 1, "probs": [[0.5, 0.5]]}]},
                   open(os.path.join(run, "alphas.json"), "w"))
-    elif case == "last_pt":
-        open(os.path.join(run, "last.pt"), "wb").write(os.urandom(300))
+    elif case == "last_pt":  # and the checkpoints search.py would resume from instead
+        for name in ("last.pt", "prev.pt", "best.pt"):
+            open(os.path.join(run, name), "wb").write(os.urandom(300))
     elif case == "arch_yaml":
         assert derive_main([run]) == 0
         open(os.path.join(run, "arch.yaml"), "w").write("model: local_vim_demo\ndirections: [[h, v}\n")
@@ -327,8 +328,8 @@ def _damage(run, case):
     ("config_missing", r"has no config\.yaml"),
     ("alphas_json", r"run: \S+/alphas\.json is not valid JSON \(line 1, column \d+: .+\)$"),
     ("alphas_shape", r"run: \S+/alphas\.json is not an alphas\.json written by search\.py"),
-    ("last_pt", r"run: \S+/last\.pt could not be read as a checkpoint \(damaged.*; move it away to derive from "
-                r"\S+/alphas\.json$"),
+    ("last_pt", r"run: \S+/last\.pt could not be read as a checkpoint \(damaged.*\), nor prev\.pt or best\.pt; move "
+                r"them away to derive from \S+/alphas\.json$"),
     ("arch_yaml", r"arch: \S+/arch\.yaml line 2, column \d+: not valid YAML \(expected ',' or ']'.*\)$"),
     ("no_epoch", r"has no finished search epoch yet"),
     ("empty_history", r"has no finished search epoch yet"),

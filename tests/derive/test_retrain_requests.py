@@ -11,6 +11,7 @@ import yaml
 
 from nas.cli.derive import main as derive_main
 from nas.cli.search import main as search_main
+from nas.engine import checkpoint
 from nas.engine.lock import RunLock
 from nas.engine.run_log import read_log
 
@@ -121,3 +122,36 @@ def test_a_search_in_its_first_epoch_is_not_told_to_resume(searches, tmp_path, c
         lock.release()
     assert derive_main([run]) == 2
     assert _error(capsys).endswith("resume the search with the same search.py command")
+
+
+def test_an_empty_last_pt_is_read_past_alike_by_derive_and_search(searches, tmp_path, capsys):
+    """derive.py reads the checkpoint search.py resumes from, and the search leaves a last.pt behind even when
+    nothing is left to train."""
+    run = _copy(searches["final"], tmp_path)
+    last = os.path.join(run, "last.pt")
+    open(last, "wb").close()
+    capsys.readouterr()
+    assert derive_main([run]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"derive.py: warning: {last} could not be read (the file is empty); "
+                                               f"derived from "), err
+    assert err[0].endswith(", the checkpoint search.py resumes from")
+    assert search_main(SEARCH + ["--out", run, "--epochs", "2"]) == 0
+    assert checkpoint.load(last)["loop"]["epoch"] == 2 and os.path.isfile(last + ".damaged")
+    capsys.readouterr()
+    assert derive_main([run]) == 0 and capsys.readouterr().err == ""
+
+
+def test_the_scan_drawing_uses_the_models_token_grid(searches, tmp_path, monkeypatch):
+    from nas.derive import export
+    drawn = []
+
+    def spy(*args, **kwargs):
+        drawn.append(args)
+        return scan_orders_figure(*args, **kwargs)
+
+    scan_orders_figure = export.scan_orders_figure
+    monkeypatch.setattr(export, "scan_orders_figure", spy)
+    assert derive_main([_copy(searches["final"], tmp_path)]) == 0
+    assert drawn == [(4, 4)]  # 16 x 16 images in 4 x 4 patches
+    assert export.drawn_grid([(56, 56)] * 2 + [(28, 28)] * 2 + [(14, 14)] * 9 + [(7, 7)] * 2) == (14, 14)
