@@ -211,7 +211,12 @@ def test_out_indices_pick_and_name_the_outnorms():
     assert vim.out_indices == [1, 3] and [k for k in vim.state_dict() if k.startswith("outnorm")] == [
         "outnorm_0.weight", "outnorm_0.bias", "outnorm_1.weight", "outnorm_1.bias"]
     vssm = small_model("local_vssm_demo", features_only=True, out_indices=[2, 0])
-    assert vssm.out_indices == [0, 2] and vssm.feature_info.reduction() == [4, 16]
+    info = vssm.feature_info  # timm's FeatureInfo calls
+    assert vssm.out_indices == info.out_indices == [0, 2] and info.reduction() == [4, 16] and len(info) == 2
+    assert info.get_dicts(keys=["num_chs", "reduction"]) == [{"num_chs": 32, "reduction": 4},
+                                                            {"num_chs": 128, "reduction": 16}]
+    assert info[1] == info.get_dicts(idx=1) == {"num_chs": 128, "reduction": 16, "module": "layers.2"}
+    assert info.channels(1) == 128 and info.get("module", [0, 1]) == ["layers.0", "layers.2"]
     assert [k for k in vssm.state_dict() if k.startswith("outnorm")] == [
         "outnorm0.weight", "outnorm0.bias", "outnorm2.weight", "outnorm2.bias"]
     assert [m.shape[1] for m in vssm(torch.randn(1, 3, 28, 28))] == [32, 128]
