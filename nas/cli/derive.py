@@ -107,7 +107,7 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
         raise DeriveError(f"--resume: {out!r} holds no last.pt to resume from")
     if begun:  # it continues with its own config; what the command asks must be what it trains
         if not (args.resume and args.k is None and not args.distinct and not args.inherit):
-            same_retraining(cfglib.load_yaml(saved, "--out"), _asked_retraining(args, overrides)[0], out)
+            same_retraining(cfglib.load_yaml(saved, "--out"), _asked_retraining(args, overrides, out)[0], out)
         return cfglib.merge(cfglib.load_yaml(saved, "--out"), overrides, "command line", RETRAIN_DEFAULTS), out
     cfg, publish_arch = _asked_retraining(args, overrides)
     if publish_arch is not None:
@@ -116,9 +116,9 @@ def prepare_retrain(args, rest) -> tuple[dict, str]:
     return cfg, out
 
 
-def _asked_retraining(args, overrides) -> tuple[dict, Callable[[], None] | None]:
+def _asked_retraining(args, overrides, begun: str | None = None) -> tuple[dict, Callable[[], None] | None]:
     """The config of the retraining the command asks for, and (when RUN/arch.yaml is to be derived first) the
-    call that writes it and its figures."""
+    call that writes it and its figures. begun: the --out folder when it holds a retraining already."""
     arch_path = os.path.join(args.run, "arch.yaml")
     search_cfg = baseline_config(args.run)
     if search_cfg is not None:  # a baseline (search.py --baseline): its arch.yaml as it is, for its search config
@@ -138,7 +138,8 @@ def _asked_retraining(args, overrides) -> tuple[dict, Callable[[], None] | None]
             k = arch.get("k", searched_k(run)) if args.k is None else args.k
             again = f"python derive.py {args.run} -k {k_text(k)}" + \
                     (" --distinct" if args.distinct or (arch.get("distinct") and args.k is None) else "")
-            raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then retrain")
+            then = "retrain" if begun is None else f"retrain with another --out ({begun} holds a retraining already)"
+            raise DeriveError(f"arch: {arch_path} {reason}; derive it again ({again}) or delete it, then {then}")
     cfg = retrain_config(arch, arch_path, run["config"], overrides, args.inherit)
     return cfg, (lambda: publish(arch, run, args.run)) if fresh else None
 

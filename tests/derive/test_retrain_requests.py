@@ -86,6 +86,11 @@ def test_per_layer_k_retrains_and_a_retraining_folder_keeps_its_architecture(sea
     # the search goes on: the retraining of epoch 1's architecture is not reported as current
     for name in ("last.pt", "best.pt", "alphas.json"):
         shutil.copy(os.path.join(searches["final"], name), os.path.join(run, name))
+    capsys.readouterr()
+    assert derive_main([run, "-k", "2,3"] + RETRAIN) == 2
+    assert _error(capsys).endswith(f"the run's latest alphas are from epoch 2; derive it again (python derive.py {run} "
+                                   f"-k 2,3) or delete it, then retrain with another --out ({out} holds a retraining "
+                                   f"already)")
     assert derive_main([run, "-k", "2,3"]) == 0
     capsys.readouterr()
     assert derive_main([run, "-k", "2,3"] + RETRAIN) == 2
