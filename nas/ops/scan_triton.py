@@ -1,23 +1,36 @@
 """Triton selective scan: forward and backward, one launch for all directions (groups) of a layer.
 
 One kernel family serves both entry points. Inputs are seen as G groups of Dg channels,
-u/delta/z/y: (batch, G, Dg, L) and B/C: (batch, G, N, L); group g reads B/C row g. A single scan with
-grouped B/C is G groups; the multi-direction scan is G = K directions, each with a row of an index
-table that says which source position scan step s reads (-1: a pad step whose inputs read as zero).
+u/delta/z: (batch, G, Dg, L) and B/C: (batch, G, N, L), any strides; group g reads B/C row g. A single
+scan with grouped B/C is G groups; the multi-direction scan is G = K directions, each with a row of an
+index table that says which source position scan step s reads (-1: a pad step whose inputs read as
+zero, so the state only decays there).
 
-A program owns a [BLOCK_D x N] fp32 state tile of one (batch, group) and walks the sequence in chunks
-of T steps. Inside a chunk the states come from an associative scan over (decay, input) pairs along
-the time axis, so every input is loaded once per chunk as a [BLOCK_D, T] / [N, T] tile and no
-per-step loop runs in Python or in the kernel. The forward saves the state at every chunk boundary;
-the backward walks the chunks in reverse, recomputes the chunk's states from its checkpoint, and gets
-the adjoint g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} from a second (reverse) associative scan.
-B/C gradients are reduced over the tile's channels before any atomic add; A, D and delta_bias
-gradients are written as per-batch partials and summed on the host (no atomics).
+The shape is the CPU kernel's (csrc/scan_cpu_body.h): a program is one warp that owns a tile of
+BLOCK_D channels of one (batch, group) and walks time in order, each thread keeping its channels'
+states in registers. The state tile is a [NP, KC, CL] tensor (channel = kc * CL + cl, state n): CL
+channels and NP / KN states across the lanes, KC channels and KN states in each thread. A step loads
+u_t and delta_t for the tile and B_t, C_t once (every lane its states' values), and needs the lanes
+only for sums: y_t over the states (2 shuffle levels at N = 16) and, in the backward, dB_t and dC_t
+over the channels (3 levels). Triton lays a tensor out with lanes along its last dimensions first, so
+this order of dimensions is what puts the states in registers; one warp per program keeps every sum
+inside a warp (no barriers).
 
-Exponentials use exp2 with A pre-scaled by log2(e). Lengths and strides are not specialized, so
-L = 196 and L = 197 share one compiled kernel.
+The forward saves the fp32 state every T steps. The backward walks those chunks in reverse: it
+recomputes a chunk's T states from its checkpoint into registers ([T, NP, KC, CL], each step picked
+out by a constant mask that the compiler folds away), then runs the adjoint backwards through it.
+So each exponential is taken once forward and twice backward. dB and dC leave a program as one relaxed
+atomic add per (batch, group, n, t) (a plain store when one tile covers the group); A, D and
+delta_bias gradients are per-batch partials summed on the host.
+
+Outputs (y, du, ddelta, dz, dB, dC) are allocated token-major (channels fastest), so a step's stores
+from a tile are contiguous; they are returned as views in the documented shapes. Exponentials use exp2
+with A pre-scaled by log2(e). Lengths and strides do not key the compile cache (L = 196 and L = 197
+share one kernel); a stride of 1 does, where the layout has it.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -28,289 +41,322 @@ from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
 
 # the kernels read module globals only as constexpr
 _LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(1.0 / LOG2E)
 _SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
-_NOSPEC = ["S", "L", "n_chunks", "Dg", "G",
-           "su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l",
-           "sz_b", "sz_g", "sz_d", "sz_l", "sB_b", "sB_g", "sB_n", "sB_l", "sC_b", "sC_g", "sC_n", "sC_l"]
+# Sizes never key the compile cache, nor does `one` (always 1): offsets along the states are multiplied by
+# it, so that the compiler does not see them contiguous and lay those loads and stores out its own way
+# (4 states a thread across 4 lanes), which would cost a trip through shared memory at every step to
+# and from the tile's layout (16 states in a thread, channels across the lanes). Strides key it only by being 1 (a unit stride lets the compiler
+# drop a multiply), never by their alignment, so a new length or batch reuses the compiled kernel.
+_SIZES = ["G", "Dg", "S", "L", "n_chunks", "one"]
+_STRIDES = ["su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l", "sz_b", "sz_g", "sz_d", "sz_l",
+            "sB_b", "sB_g", "sB_n", "sB_l", "sC_b", "sC_g", "sC_n", "sC_l", "sdy_b", "sdy_g", "sdy_d", "sdy_l"]
 
 
 @triton.jit
-def _combine_states(a_prev, b_prev, a_cur, b_cur):
-    # h = a_cur * (a_prev * h0 + b_prev) + b_cur
-    return a_prev * a_cur, a_cur * b_prev + b_cur
-
-
-@triton.jit
-def _combine_adjoint(alpha_prev, b_prev, q_prev, alpha_cur, b_cur, q_cur):
-    # Reverse time: a segment summary says g = b + q * (alpha_before * g_before), where alpha_before is
-    # the decay of the step just after the segment. `prev` is the later (already scanned) segment.
-    t = q_cur * alpha_prev
-    return alpha_cur, b_cur + t * b_prev, t * q_prev
-
-
-@triton.jit
-def _program_tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """This program's (batch, group), its channel tile, and the per-channel parameters of that tile."""
-    b = (tl.program_id(1) // G).to(tl.int64)
-    g = (tl.program_id(1) % G).to(tl.int64)
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dg
-    ch = g * Dg + offs_d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(A2_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+def _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr,
+          HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's (batch, group) and its channel tile: d [1, KC, CL] (channel within the group), n
+    [NP, 1, 1] (times `one`: see _SIZES), their masks, and the tile's A * log2(e) [NP, KC, CL], D and bias [1, KC, CL]."""
+    bg = tl.program_id(0)
+    b = (bg // G).to(tl.int64)
+    g = (bg % G).to(tl.int64)
+    d = tl.program_id(1) * (KC * CL) + tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]
+    n = tl.arange(0, NP)[:, None, None]
+    mask_d = d < Dg
+    mask_n = n < N
+    n = n * one
+    ch = g * Dg + d
+    A2 = tl.load(A2_ptr + ch * N + n, mask=mask_d & mask_n, other=0.0)
+    Dv = tl.zeros([1, KC, CL], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(Dv_ptr + ch, mask=mask_d, other=0.0)
-    return b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv
+    bias = tl.zeros([1, KC, CL], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
+    return b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias
 
 
 @triton.jit
-def _load_chunk(c, b, g, offs_d, mask_d, offs_n, mask_n, A2, bias,
-                u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, S,
-                su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l,
-                sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, T: tl.constexpr):
-    """Load chunk c and build its decays. Returns position info, inputs and [BLOCK_D, N, T] tiles."""
-    s = c * T + tl.arange(0, T)
+def _step_inputs(s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
+                 SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """Scan step s: its source position (clamped to 0 on a pad), the channel and state masks of a token step
+    (all false on a pad), whether it is inside the sequence, u and delta [1, KC, CL] (delta biased, softplus'd; 0 past the end, so the state is left
+    alone there), delta before softplus, and B_t [NP, 1, 1]."""
     in_seq = s < S
     if HAS_INDEX:
         pos = tl.load(idx_ptr + g * S + s, mask=in_seq, other=-1)
     else:
         pos = tl.where(in_seq, s, -1)
     ok = pos >= 0
-    pos = tl.where(ok, pos, 0).to(tl.int64)
-    m_dt = mask_d[:, None] & ok[None, :]
-    u = tl.load(u_ptr + b * su_b + g * su_g + offs_d[:, None] * su_d + pos[None, :] * su_l,
-                mask=m_dt, other=0.0).to(tl.float32)
-    dt_raw = tl.load(dt_ptr + b * sdt_b + g * sdt_g + offs_d[:, None] * sdt_d + pos[None, :] * sdt_l,
-                     mask=m_dt, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt_raw += bias[:, None]
+    # where, not &: the interpreter cannot `and` a tensor with a scalar
+    m_d = tl.where(ok, mask_d, False)
+    m_n = tl.where(ok, mask_n, False)
+    p = tl.maximum(pos, 0).to(tl.int64)
+    u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
+    dt_raw = tl.load(dt_base + p * sdt_l, mask=m_d, other=0.0).to(tl.float32) + bias
     if SOFTPLUS:
         # softplus with mamba's threshold, in a form that cannot overflow
-        dt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, tl.maximum(dt_raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt_raw))), dt_raw)
+        dt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD,
+                      tl.maximum(dt_raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt_raw))), dt_raw)
     else:
         dt = dt_raw
-    # Steps past the end of the sequence must leave the state alone (decay 1, no input).
-    dt = tl.where(in_seq[None, :], dt, 0.0)
-    m_nt = mask_n[:, None] & ok[None, :]
-    Bt = tl.load(B_ptr + b * sB_b + g * sB_g + offs_n[:, None] * sB_n + pos[None, :] * sB_l,
-                 mask=m_nt, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + b * sC_b + g * sC_g + offs_n[:, None] * sC_n + pos[None, :] * sC_l,
-                 mask=m_nt, other=0.0).to(tl.float32)
-    decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    dtu = dt * u
-    inp = dtu[:, None, :] * Bt[None, :, :]
-    return pos, ok, in_seq, m_dt, m_nt, u, dt_raw, dt, dtu, Bt, Ct, decay, inp
+    dt = tl.where(in_seq, dt, 0.0)
+    Bt = tl.load(B_base + p * sB_l, mask=m_n, other=0.0).to(tl.float32)
+    return p, m_d, m_n, in_seq, u, dt_raw, dt, Bt
 
 
-@triton.jit(do_not_specialize=_NOSPEC)
+@triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=_STRIDES)
 def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, bias_ptr, idx_ptr,
                      ckpt_ptr, last_ptr,
-                     G, Dg, S, L, n_chunks,
+                     G, Dg, S, L, n_chunks, one,
                      su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l, sz_b, sz_g, sz_d, sz_l,
                      sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-                     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+                     N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr,
                      SAVE_LAST: tl.constexpr):
-    b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv = _program_tile(
-        A2_ptr, Dv_ptr, bias_ptr, G, Dg, N, NP, BLOCK_D, HAS_D, HAS_BIAS)
-    last_t = (tl.arange(0, T) == T - 1)[None, None, :]
-    # y has the contiguous (batch, G, Dg, L) layout
-    y_base = y_ptr + ((b * G + g) * Dg + offs_d[:, None]) * L
-    ckpt_base = ckpt_ptr + ((b * G + g) * Dg + offs_d[:, None]) * (n_chunks * NP) + offs_n[None, :]
-    h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, KC, NP, CL) fp32; last (batch, G * Dg, N)."""
+    b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
+                                                          HAS_D, HAS_BIAS)
+    u_base = u_ptr + b * su_b + g * su_g + d * su_d
+    dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
+    z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
+    B_base = B_ptr + b * sB_b + g * sB_g + tl.arange(0, NP)[:, None, None] * sB_n
+    C_base = C_ptr + b * sC_b + g * sC_g + tl.arange(0, NP)[:, None, None] * sC_n
+    y_base = y_ptr + (b * G + g) * L * Dg + d
+    tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
+    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * NP + n
+    h = tl.zeros([NP, KC, CL], dtype=tl.float32)
     for c in range(0, n_chunks):
         if SAVE_CKPT:
-            tl.store(ckpt_base + c * NP, h, mask=mask_dn)
-        pos, ok, in_seq, m_dt, m_nt, u, dt_raw, dt, dtu, Bt, Ct, decay, inp = _load_chunk(
-            c, b, g, offs_d, mask_d, offs_n, mask_n, A2, bias, u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, S,
-            su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-            HAS_BIAS, SOFTPLUS, HAS_INDEX, T)
-        decay_prod, states = tl.associative_scan((decay, inp), axis=2, combine_fn=_combine_states)
-        states += decay_prod * h[:, :, None]
-        y = tl.sum(states * Ct[None, :, :], axis=1)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * sz_b + g * sz_g + offs_d[:, None] * sz_d + pos[None, :] * sz_l,
-                         mask=m_dt, other=0.0).to(tl.float32)
-            y *= zv * tl.sigmoid(zv)
-        tl.store(y_base + pos[None, :], y, mask=m_dt)
-        h = tl.sum(tl.where(last_t, states, 0.0), axis=2)
+            tl.store(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs, h)
+        for t in tl.static_range(T):
+            s = c * T + t
+            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
+                s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
+                SOFTPLUS, HAS_INDEX)
+            Ct = tl.load(C_base + p * sC_l, mask=m_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt * A2) * h + (dt * u) * Bt
+            y = tl.sum(h * Ct, axis=0, keep_dims=True)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zv = tl.load(z_base + p * sz_l, mask=m_d, other=0.0).to(tl.float32)
+                y *= zv * tl.sigmoid(zv)
+            tl.store(y_base + p * Dg, y, mask=m_d)
     if SAVE_LAST:
-        tl.store(last_ptr + ((b * G + g) * Dg + offs_d[:, None]) * N + offs_n[None, :], h, mask=mask_dn)
+        tl.store(last_ptr + (b * G * Dg + ch) * N + n, h, mask=mask_d & mask_n)
 
 
-@triton.jit(do_not_specialize=_NOSPEC)
+@triton.jit
+def _store_bc(ptr, val, mask, ATOMIC: tl.constexpr):
+    """[NP, KC, 1] partial sums of dB_t or dC_t: added atomically, or (one tile) summed and stored."""
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, tl.sum(val, axis=1, keep_dims=True), mask=mask)
+
+
+@triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=_STRIDES)
 def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, bias_ptr, idx_ptr, ckpt_ptr,
-                     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-                     G, Dg, S, L, n_chunks,
+                     dlast_ptr, du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                     G, Dg, S, L, n_chunks, one,
                      su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l, sz_b, sz_g, sz_d, sz_l,
-                     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-                     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+                     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sdy_b, sdy_g, sdy_d, sdy_l,
+                     N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, ATOMIC_BC: tl.constexpr):
-    b, g, offs_d, mask_d, ch, offs_n, mask_n, mask_dn, A2, bias, Dv = _program_tile(
-        A2_ptr, Dv_ptr, bias_ptr, G, Dg, N, NP, BLOCK_D, HAS_D, HAS_BIAS)
-    A = A2 * (1.0 / _LOG2E)
-    first_t = (tl.arange(0, T) == 0)[None, None, :]
-    row = (b * G + g) * Dg + offs_d[:, None]  # contiguous (batch, G, Dg, .) rows of dy/du/ddt/dz
-    bc_row = (b * G + g) * N + offs_n[:, None]  # contiguous (batch, G, N, L) rows of dB/dC
-    ckpt_base = ckpt_ptr + row * (n_chunks * NP) + offs_n[None, :]
-    carry = tl.zeros([BLOCK_D, NP], dtype=tl.float32)  # exp(delta A) * g of the step after the chunk
-    dA_acc = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DLAST: tl.constexpr,
+                     ATOMIC_BC: tl.constexpr):
+    """du/ddt/dz (batch, G, L, Dg) contiguous; dB/dC (batch, G, L, N) fp32 contiguous; dA (batch, G * Dg, N),
+    dD/dbias (batch, G * Dg) per-batch partials."""
+    b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
+                                                          HAS_D, HAS_BIAS)
+    u_base = u_ptr + b * su_b + g * su_g + d * su_d
+    dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
+    z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
+    dy_base = dy_ptr + b * sdy_b + g * sdy_g + d * sdy_d
+    B_base = B_ptr + b * sB_b + g * sB_g + tl.arange(0, NP)[:, None, None] * sB_n
+    C_base = C_ptr + b * sC_b + g * sC_g + tl.arange(0, NP)[:, None, None] * sC_n
+    out_base = (b * G + g) * L * Dg + d  # du, ddt, dz
+    bc_base = (b * G + g) * L * N + tl.arange(0, NP)[:, None, None] + 0 * tl.arange(0, KC)[None, :, None]  # dB, dC
+    tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
+    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * NP + n
+    steps = tl.arange(0, T)[:, None, None, None]
+    # dL/dh after the last step, carried backwards as exp(delta_{t+1} A) dL/dh_{t+1}
+    carry = tl.zeros([NP, KC, CL], dtype=tl.float32)
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + (b * G * Dg + ch) * N + n, mask=mask_d & mask_n, other=0.0)
+    dA_acc = tl.zeros([NP, KC, CL], dtype=tl.float32)
+    dD_acc = tl.zeros([1, KC, CL], dtype=tl.float32)
+    dbias_acc = tl.zeros([1, KC, CL], dtype=tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        pos, ok, in_seq, m_dt, m_nt, u, dt_raw, dt, dtu, Bt, Ct, decay, inp = _load_chunk(
-            c, b, g, offs_d, mask_d, offs_n, mask_n, A2, bias, u_ptr, dt_ptr, B_ptr, C_ptr, idx_ptr, S,
-            su_b, su_g, su_d, su_l, sdt_b, sdt_g, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-            HAS_BIAS, SOFTPLUS, HAS_INDEX, T)
-        h0 = tl.load(ckpt_base + c * NP, mask=mask_dn, other=0.0)
-        decay_prod, states = tl.associative_scan((decay, inp), axis=2, combine_fn=_combine_states)
-        states += decay_prod * h0[:, :, None]
-        dout = tl.load(dy_ptr + row * L + pos[None, :], mask=m_dt, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * sz_b + g * sz_g + offs_d[:, None] * sz_d + pos[None, :] * sz_l,
-                         mask=m_dt, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            y = tl.sum(states * Ct[None, :, :], axis=1) + Dv[:, None] * u
-            tl.store(dz_ptr + row * L + pos[None, :], dout * y * sig * (1.0 + zv * (1.0 - sig)), mask=m_dt)
-            dy = dout * zv * sig
-        else:
-            dy = dout
-        if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=1)
-        ones = tl.full([BLOCK_D, NP, T], 1.0, dtype=tl.float32)
-        _, gb, gq = tl.associative_scan((decay, Ct[None, :, :] * dy[:, None, :], ones), axis=2,
-                                        combine_fn=_combine_adjoint, reverse=True)
-        adj = gb + gq * carry[:, :, None]  # dL/dh_t
-        carry = tl.sum(tl.where(first_t, decay * adj, 0.0), axis=2)
-        prev = states - inp  # exp(delta_t A) * h_{t-1}
-        ddt = tl.sum(adj * (A[:, :, None] * prev + Bt[None, :, :] * u[:, None, :]), axis=1)
-        du = tl.sum(adj * Bt[None, :, :], axis=1) * dt + Dv[:, None] * dy
-        dA_acc += tl.sum(adj * prev * dt[:, None, :], axis=2)
-        if SOFTPLUS:
-            ddt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, ddt * tl.sigmoid(dt_raw), ddt)
-        ddt = tl.where(in_seq[None, :], ddt, 0.0)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(tl.where(mask_d[:, None], ddt, 0.0), axis=1)
-        tl.store(du_ptr + row * L + pos[None, :], du, mask=m_dt)
-        tl.store(ddt_ptr + row * L + pos[None, :], ddt, mask=m_dt)
-        dB = tl.sum(tl.where(mask_d[:, None, None], adj * dtu[:, None, :], 0.0), axis=0)
-        dC = tl.sum(tl.where(mask_d[:, None, None], states * dy[:, None, :], 0.0), axis=0)
-        if ATOMIC_BC:
-            tl.atomic_add(dB_ptr + bc_row * L + pos[None, :], dB, mask=m_nt)
-            tl.atomic_add(dC_ptr + bc_row * L + pos[None, :], dC, mask=m_nt)
-        else:
-            tl.store(dB_ptr + bc_row * L + pos[None, :], dB, mask=m_nt)
-            tl.store(dC_ptr + bc_row * L + pos[None, :], dC, mask=m_nt)
+        # the chunk forward again from its checkpoint, keeping the state before each step
+        h = tl.load(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs)
+        H = tl.zeros([T, NP, KC, CL], dtype=tl.float32)
+        for t in tl.static_range(T):
+            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
+                c * T + t, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
+                SOFTPLUS, HAS_INDEX)
+            if t > 0:
+                H = tl.where(steps == t, h[None, :, :, :], H)
+            h = tl.exp2(dt * A2) * h + (dt * u) * Bt
+        # the adjoint backwards through the chunk
+        for k in tl.static_range(T):
+            t = T - 1 - k
+            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
+                c * T + t, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
+                SOFTPLUS, HAS_INDEX)
+            Ct = tl.load(C_base + p * sC_l, mask=m_n, other=0.0).to(tl.float32)
+            gy = tl.load(dy_base + p * sdy_l, mask=m_d, other=0.0).to(tl.float32)
+            if t == 0:  # the checkpoint (not kept in H: T - 1 states in registers)
+                h0 = tl.load(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs)
+            else:  # -0.0 so that the sum over the other (constant, masked) steps folds away
+                h0 = tl.sum(tl.where(steps == t, H, -0.0), axis=0)
+            da = tl.exp2(dt * A2)
+            dtu = dt * u
+            h1 = da * h0 + dtu * Bt
+            if HAS_Z:
+                zv = tl.load(z_base + p * sz_l, mask=m_d, other=0.0).to(tl.float32)
+                sg = tl.sigmoid(zv)
+                out = tl.sum(h1 * Ct, axis=0, keep_dims=True) + Dv * u
+                tl.store(dz_ptr + out_base + p * Dg, gy * out * sg * (1.0 + zv * (1.0 - sg)), mask=m_d)
+                gy = gy * zv * sg
+            if HAS_D:
+                dD_acc += gy * u
+            # dB_t and dC_t as soon as their terms exist (shorter live ranges), summed over the tile's channels
+            # across the CL lanes (4 shuffle levels at CL = 16); the KC partials left are added atomically
+            # (summed here when one tile covers the group). Masked channels contribute exact zeros.
+            dC = tl.sum(h1 * gy, axis=2, keep_dims=True)
+            _store_bc(dC_ptr + bc_base + p * N, dC, m_n, ATOMIC_BC)
+            gh = carry + gy * Ct  # dL/dh_t
+            dB = tl.sum(gh * dtu, axis=2, keep_dims=True)
+            _store_bc(dB_ptr + bc_base + p * N, dB, m_n, ATOMIC_BC)
+            q = gh * da * h0  # dL/d(delta_t A)
+            dA_acc += q * dt
+            carry = da * gh
+            g_dtx = tl.sum(gh * Bt, axis=0, keep_dims=True)
+            ddt = g_dtx * u + tl.sum(q * A2, axis=0, keep_dims=True) * _LN2
+            if SOFTPLUS:
+                ddt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, ddt * tl.sigmoid(dt_raw), ddt)
+            ddt = tl.where(in_seq, ddt, 0.0)  # the steps past the end (pads inside count: they decay)
+            dbias_acc += ddt
+            tl.store(du_ptr + out_base + p * Dg, g_dtx * dt + gy * Dv, mask=m_d)
+            tl.store(ddt_ptr + out_base + p * Dg, ddt, mask=m_d)
     part = b * (G * Dg) + ch  # per-batch partials, summed on the host
-    tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    tl.store(dA_ptr + part * N + n, dA_acc, mask=mask_d & mask_n)
     if HAS_D:
         tl.store(dD_ptr + part, dD_acc, mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_ptr + part, dbias_acc, mask=mask_d)
 
 
-# Channel tile (BLOCK_D) per padded d_state at T = 16 and 4 warps: both kernels compile for sm_90 without
-# register spills, and one step wider spills or sits at the 255-register limit (read from the cubins by
-# benchmarks/kernel_resources.py). tests/ops/test_scan_triton_compile.py keeps the first part true.
-_BLOCK_D_BY_NP = {1: 32, 2: 32, 4: 16, 8: 8, 16: 8, 32: 2, 64: 1}
+def _tile_shape(block_d: int, NP: int) -> tuple[int, int]:
+    """(KC, CL) of a BLOCK_D-channel tile [NP, KC, CL]: CL = 16 channels across lanes (8 past NP = 32), the
+    KC axis across the lanes left (2 at NP <= 16, then in each thread), the states in each thread (across
+    NP / 16 lanes past NP = 16)."""
+    cl = min(block_d, 16 // max(1, NP // 32))
+    return block_d // cl, cl
 
 
-def launch_config(Dg: int, N: int, S: int, interpret: bool):
-    """(BLOCK_D, T, num_warps): fixed heuristics, no autotuning. On a GPU: chunks of 16 steps and the channel
-    tile of _BLOCK_D_BY_NP, chosen against register spills (a static criterion; not yet timed on a GPU)."""
-    if interpret:  # every element of a scan is a Python call in the interpreter: keep tiles tiny
-        return min(4, triton.next_power_of_2(Dg)), min(8, triton.next_power_of_2(S)), 1
-    T = min(16, triton.next_power_of_2(S))
-    return min(triton.next_power_of_2(Dg), _BLOCK_D_BY_NP[triton.next_power_of_2(N)]), T, 4
+def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_D, T): channels per program (one warp) and steps per checkpoint, from the shape alone (no
+    autotuning, so a new length or batch never compiles again). Up to 16 states a thread (up to 4 channels a
+    thread at N < 4), and T = 4 (2 past N = 16): at d_state 16 the backward then compiles for sm_90 in 255
+    registers without spilling, where T = 8 spills inside the time loop (benchmarks/kernel_resources.py)."""
+    NP = triton.next_power_of_2(N)
+    if interpret:  # every tensor op is a numpy call in the interpreter: keep tiles tiny
+        return min(4, triton.next_power_of_2(Dg)), min(4, triton.next_power_of_2(S))
+    lanes = 32 // max(1, NP // 16)  # channel lanes
+    block_d = lanes * max(1, 4 // NP)
+    return min(block_d, max(triton.next_power_of_2(Dg), lanes)), 4 if NP <= 16 else 2
 
 
 def _strides4(t):
     return [t.stride(i) for i in range(4)]
 
 
+def _token_major(batch, G, Dg, L, device, dtype, zero):
+    """A (batch, G, Dg, L) tensor stored as (batch, G, L, Dg): a step's channels are contiguous."""
+    return (torch.zeros if zero else torch.empty)((batch, G, L, Dg), device=device, dtype=dtype).transpose(2, 3)
+
+
 class _TritonScan(torch.autograd.Function):
     """Grouped scan over (batch, G, Dg, L) views with an optional (G, S) index table."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, Dv, z, delta_bias, softplus, index, S, return_last, config):
+    def forward(ctx, u, delta, A, B, C, Dv, z, delta_bias, softplus, index, S, config):
         batch, G, Dg, L = u.shape
         N = A.shape[1]
-        interpret = u.device.type == "cpu"
-        block_d, T, warps = config or launch_config(Dg, N, S, interpret)
-        n_chunks = triton.cdiv(S, T)
         NP = triton.next_power_of_2(N)
+        block_d, T = config or launch_config(Dg, N, S, u.device.type == "cpu")
+        kc, cl = _tile_shape(block_d, NP)
+        n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, block_d)
         A2 = (A.float() * LOG2E).contiguous()
         Dv32 = None if Dv is None else Dv.float().contiguous()
         bias32 = None if delta_bias is None else delta_bias.float().contiguous()
         need_grad = any(ctx.needs_input_grad)
-        y = (torch.zeros if index is not None else torch.empty)((batch, G, Dg, L), device=u.device, dtype=u.dtype)
-        ckpt = torch.empty((batch, G, Dg, n_chunks, NP) if need_grad else (1,), device=u.device, dtype=torch.float32)
-        last = torch.empty((batch, G * Dg, N) if return_last else (1,), device=u.device, dtype=torch.float32)
+        y = _token_major(batch, G, Dg, L, u.device, u.dtype, zero=index is not None)
+        ckpt = torch.empty((batch * G * tiles * n_chunks * kc * NP * cl) if need_grad else 1, device=u.device,
+                           dtype=torch.float32)
+        last = torch.empty((batch, G * Dg, N), device=u.device, dtype=torch.float32)
         dummy = A2
-        grid = (triton.cdiv(Dg, block_d), batch * G)
-        # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
-        _scan_fwd_kernel[grid](
-            u, delta, z if z is not None else dummy, y, A2, B, C, Dv32 if Dv32 is not None else dummy,
-            bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt, last,
-            G, Dg, S, L, n_chunks, *_strides4(u), *_strides4(delta), *(_strides4(z) if z is not None else [0] * 4),
-            *_strides4(B), *_strides4(C),
-            N=N, NP=NP, BLOCK_D=block_d, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-            SAVE_CKPT=need_grad, SAVE_LAST=bool(return_last), num_warps=warps,
-            enable_fp_fusion=True)
+        # the launch goes to the tensors' GPU, whichever device is current
+        with torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext():
+            # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
+            _scan_fwd_kernel[(batch * G, tiles)](
+                u, delta, z if z is not None else dummy, y, A2, B, C, Dv32 if Dv32 is not None else dummy,
+                bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt, last,
+                G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
+                *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
+                N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
+                SAVE_CKPT=need_grad, SAVE_LAST=True, num_warps=1, enable_fp_fusion=True)
         ctx.save_for_backward(u, delta, A2, B, C, Dv32, z, bias32, index, ckpt)
-        ctx.meta = (softplus, S, block_d, T, warps, n_chunks, A.dtype, None if Dv is None else Dv.dtype,
+        ctx.set_materialize_grads(False)  # an unused last state gives no gradient to load
+        ctx.meta = (softplus, S, block_d, T, n_chunks, A.dtype, None if Dv is None else Dv.dtype,
                     None if delta_bias is None else delta_bias.dtype)
-        ctx.mark_non_differentiable(last)
         return y, last
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
+    def backward(ctx, dy, dlast):
         u, delta, A2, B, C, Dv32, z, bias32, index, ckpt = ctx.saved_tensors
-        softplus, S, block_d, T, warps, n_chunks, A_dtype, D_dtype, bias_dtype = ctx.meta
+        softplus, S, block_d, T, n_chunks, A_dtype, D_dtype, bias_dtype = ctx.meta
         batch, G, Dg, L = u.shape
         N = A2.shape[1]
-        dy = dy.contiguous()
+        NP = triton.next_power_of_2(N)
+        kc, cl = _tile_shape(block_d, NP)
+        tiles = triton.cdiv(Dg, block_d)
         dev = u.device
-        zeros = torch.zeros if index is not None else torch.empty  # unvisited positions get zero grads
-        du = zeros((batch, G, Dg, L), device=dev, dtype=u.dtype)
-        ddt = zeros((batch, G, Dg, L), device=dev, dtype=delta.dtype)
-        dz = zeros((batch, G, Dg, L), device=dev, dtype=z.dtype) if z is not None else None
-        n_dblocks = triton.cdiv(Dg, block_d)
-        dB = torch.zeros((batch, G, N, L), device=dev, dtype=torch.float32)
-        dC = torch.zeros((batch, G, N, L), device=dev, dtype=torch.float32)
+        if dy is None:  # only the last state was used
+            dy = torch.zeros_like(u)
+        zero = index is not None  # positions no step visits get zero gradients
+        du = _token_major(batch, G, Dg, L, dev, u.dtype, zero)
+        ddt = _token_major(batch, G, Dg, L, dev, delta.dtype, zero)
+        dz = _token_major(batch, G, Dg, L, dev, z.dtype, zero) if z is not None else None
+        dB = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
+        dC = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
         dA = torch.empty((batch, G * Dg, N), device=dev, dtype=torch.float32)
         dD = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if Dv32 is not None else None
         dbias = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if bias32 is not None else None
         dummy = A2
-        _scan_bwd_kernel[(n_dblocks, batch * G)](
-            u, delta, z if z is not None else dummy, dy, A2, B, C, Dv32 if Dv32 is not None else dummy,
-            bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt,
-            du, ddt, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy,
-            dbias if dbias is not None else dummy,
-            G, Dg, S, L, n_chunks, *_strides4(u), *_strides4(delta), *(_strides4(z) if z is not None else [0] * 4),
-            *_strides4(B), *_strides4(C),
-            N=N, NP=triton.next_power_of_2(N), BLOCK_D=block_d, T=T, HAS_D=Dv32 is not None,
-            HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=bool(softplus),
-            HAS_INDEX=index is not None, ATOMIC_BC=n_dblocks > 1, num_warps=warps,
-            enable_fp_fusion=True)
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            _scan_bwd_kernel[(batch * G, tiles)](
+                u, delta, z if z is not None else dummy, dy, A2, B, C, Dv32 if Dv32 is not None else dummy,
+                bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt,
+                dlast if dlast is not None else dummy, du, ddt, dz if dz is not None else dummy, dB, dC, dA,
+                dD if dD is not None else dummy, dbias if dbias is not None else dummy,
+                G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
+                *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),
+                N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
+                HAS_BIAS=bias32 is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
+                HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1, num_warps=1, enable_fp_fusion=True)
         dA = dA.sum(0).to(A_dtype)
         dD = dD.sum(0).to(D_dtype) if dD is not None else None
         dbias = dbias.sum(0).to(bias_dtype) if dbias is not None else None
-        return (du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None, None, None, None)
+        dB, dC = (t.transpose(2, 3).to(B.dtype) for t in (dB, dC))
+        return du, ddt, dA, dB, dC, dD, dz, dbias, None, None, None, None
 
 
 def _check_n(N: int) -> None:
@@ -321,8 +367,9 @@ def _check_n(N: int) -> None:
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, config=None):
     """`selective_scan` on the Triton kernels. Shapes as in `nas.ops.selective_scan` (already checked).
+    y comes back as a (batch, D, L) view of token-major memory.
 
-    config: optional (BLOCK_D, T, num_warps) override, for benchmarks.
+    config: optional (BLOCK_D, T) override, for benchmarks and tests.
     """
     batch, dim, L = u.shape
     _check_n(A.shape[1])
@@ -332,20 +379,20 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
     u4, dt4 = u.unflatten(1, (G, Dg)), delta.unflatten(1, (G, Dg))
     z4 = None if z is None else z.unflatten(1, (G, Dg))
-    y, last = _TritonScan.apply(u4, dt4, A, B4, C4, D, z4, delta_bias, delta_softplus, None, L,
-                                return_last_state, config)
-    y = y.view(batch, dim, L)
+    y, last = _TritonScan.apply(u4, dt4, A, B4, C4, D, z4, delta_bias, delta_softplus, None, L, config)
+    y = y.flatten(1, 2)
     return (y, last) if return_last_state else y
 
 
 def multi_direction_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                                 index=None, config=None):
-    """`multi_direction_scan` in one launch: K directions as K groups, tokens read via `index`."""
+    """`multi_direction_scan` in one launch: K directions as K groups, tokens read via `index`.
+    y comes back as a (batch, K, D, L) view of token-major (batch, K, L, D) memory."""
     batch, K, dim, L = u.shape
     _check_n(A.shape[2])
     S = L if index is None else index.shape[1]
     idx = None if index is None else index.to(torch.int32).contiguous()
     y, _ = _TritonScan.apply(u, delta, A.reshape(K * dim, -1), B, C, None if D is None else D.reshape(-1), z,
                              None if delta_bias is None else delta_bias.reshape(-1), delta_softplus, idx, S,
-                             False, config)
+                             config)
     return y
