@@ -410,7 +410,7 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--batch", type=int, default=128, help="CUDA: batch size of both shapes")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    p.add_argument("--configs", nargs="*", default=[], help="CUDA: extra fused launch configs BLOCK_DxTxWARPS")
+    p.add_argument("--configs", nargs="*", default=[], help="CUDA: extra fused launch configs BLOCK_DxT (channels per warp x steps per checkpoint)")
     p.add_argument("--mamba-src", default=None, help="CUDA: unpacked mamba_ssm source tree with its extension built")
     p.add_argument("--build-mamba-only", action="store_true", help="CUDA: only build mamba's extension, then exit")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_scan_<device>.json)")

@@ -7,21 +7,22 @@ index table that says which source position scan step s reads (-1: a pad step wh
 zero, so the state only decays there).
 
 The shape is the CPU kernel's (csrc/scan_cpu_body.h): a program is one warp that owns a tile of
-BLOCK_D channels of one (batch, group) and walks time in order, each thread keeping its channels'
-states in registers. The state tile is a [NP, KC, CL] tensor (channel = kc * CL + cl, state n): CL
-channels and NP / KN states across the lanes, KC channels and KN states in each thread. A step loads
-u_t and delta_t for the tile and B_t, C_t once (every lane its states' values), and needs the lanes
-only for sums: y_t over the states (2 shuffle levels at N = 16) and, in the backward, dB_t and dC_t
-over the channels (3 levels). Triton lays a tensor out with lanes along its last dimensions first, so
-this order of dimensions is what puts the states in registers; one warp per program keeps every sum
-inside a warp (no barriers).
+BLOCK_D channels of one (batch, group) and walks time in order, each thread keeping one channel's
+states in registers. The state tile is a [NP, KC, CL] tensor (state n, channel kc * CL + cl): Triton
+fills a tensor's lanes from its last dimension, so CL = 16 channels and the KC = 2 halves take the 32
+lanes and the states stay in each thread (at N = 32 and 64 the states take 2 and 4 lanes too; at
+N < 4 each thread takes 2 or 4 channels). A step loads u_t, delta_t, z_t for the tile and B_t, C_t
+(every thread all states' values, the same addresses across the warp), and y_t = <C_t, h_t> is a sum
+inside each thread: the forward needs no lanes at all. The backward needs them only for dB_t and dC_t,
+summed over the 16 channels of each half (4 shuffle levels) and added by one relaxed atomic per half
+(a plain store of the two halves' sum when one tile covers the group). One warp per program keeps
+every sum inside a warp (no barriers).
 
 The forward saves the fp32 state every T steps. The backward walks those chunks in reverse: it
-recomputes a chunk's T states from its checkpoint into registers ([T, NP, KC, CL], each step picked
-out by a constant mask that the compiler folds away), then runs the adjoint backwards through it.
-So each exponential is taken once forward and twice backward. dB and dC leave a program as one relaxed
-atomic add per (batch, group, n, t) (a plain store when one tile covers the group); A, D and
-delta_bias gradients are per-batch partials summed on the host.
+recomputes a chunk's states from its checkpoint into registers ([T, NP, KC, CL], each step picked out
+by a constant mask that the compiler folds away), then runs the adjoint backwards through them. So each
+exponential is taken once forward and twice backward. A, D and delta_bias gradients are per-batch
+partials summed on the host.
 
 Outputs (y, du, ddelta, dz, dB, dC) are allocated token-major (channels fastest), so a step's stores
 from a tile are contiguous; they are returned as views in the documented shapes. Exponentials use exp2
@@ -116,7 +117,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr,
                      SAVE_LAST: tl.constexpr):
-    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, KC, NP, CL) fp32; last (batch, G * Dg, N)."""
+    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, KC, CL, NP) fp32; last (batch, G * Dg, N)."""
     b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
                                                           HAS_D, HAS_BIAS)
     u_base = u_ptr + b * su_b + g * su_g + d * su_d
