@@ -47,6 +47,9 @@ def load_arch(arch_path: str) -> dict:
     if isinstance(directions, list) and directions and all(isinstance(d, list) for d in directions):
         # a file written by hand may leave out scans_per_layer: each layer runs the scans its list names
         counts = [len(d) for d in directions]
+        if 0 in counts:
+            raise DeriveError(f"arch: {arch_path}: directions[{counts.index(0)}]: expected at least one scan "
+                              f"direction per layer, got []")
         arch["model_args"].setdefault("scans_per_layer", counts[0] if len(set(counts)) == 1 else counts)
     check_arch(arch, directions, arch_path)
     return arch

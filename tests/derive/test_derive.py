@@ -126,6 +126,7 @@ def _edit_arch(run, **changes):
     ("k9", "-k: expected an int from 1 to 8"),
     ("layers", "expected 2 per-layer lists"),
     ("unknown_direction", "diagonal"),
+    ("empty_layer", "directions[0]: expected at least one scan direction per layer, got []"),
     ("unknown_model", "unknown model name 'local_vim_nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(search_run, tmp_path, capsys, case, message):
@@ -143,6 +144,8 @@ def test_bad_input_is_one_line_exit_2(search_run, tmp_path, capsys, case, messag
             _edit_arch(run, directions=arch["directions"][:1])
         elif case == "unknown_direction":
             _edit_arch(run, directions=[["h", "v", "w2", "diagonal"]] + arch["directions"][1:])
+        elif case == "empty_layer":  # written by hand, without k or scans_per_layer
+            _edit_arch(run, directions=[[]] + arch["directions"][1:], k=None, model_args={"depth": 2, "embed_dim": 16})
         else:
             _edit_arch(run, model="local_vim_nope")
         argv = [run, "--retrain", "--epochs", "1"]
