@@ -85,7 +85,7 @@ class LocalVimBackbone(_Backbone, LocalVim):
     def resize_position_tables(self, state: dict, grid) -> list[str]:
         """Resize ``pos_embed`` and the RoPE tables of ``state`` (in place) from the checkpoint's token grid to
         this backbone's, bicubically; returns the keys resized. The checkpoint's grid: ``grid`` if given, else
-        this backbone's when the counts agree, else the square one."""
+        the square one of its token count (LocalMamba's rule)."""
         expected = self.state_dict()
         resized = []
         for key in ("pos_embed", "rope.freqs_cos", "rope.freqs_sin"):
