@@ -49,7 +49,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_written(tmp_
     other = tmp_path / "other.yaml"
     other.write_text(open(DEMO).read().replace("lr: 2.0e-3", "lr: 5.0e-3"))
     for argv, named in [
-        (["--model", "local_vssm_demo_search"], "model 'local_vim_demo_search' there, 'local_vssm_demo_search' now"),
+        (["--model", "local_vim_tiny_search"], "model 'local_vim_demo_search' there, 'local_vim_tiny_search' now"),
         (["--data.num_classes", "5"], "data.num_classes None there, 5 now"),
         (["--img_size", "24"], "img_size 16 there, 24 now"),
         (["--train.lr", "0.01"], "train.lr 0.002 there, 0.01 now"),
