@@ -129,6 +129,9 @@ def test_forward_intermediates_takes_timms_indices_and_norm():
     assert [m.shape[1] for m in last_two] == [64, 128]
     assert all(torch.equal(a, b) for a, b in zip(last_two, named))
     torch.testing.assert_close(normed[0], model.classifier.norm(final))  # timm's rule: only the last stage
+    with torch.no_grad():
+        first, stopped = model.forward_intermediates(x, indices=[0], stop_early=True)
+    assert first[0].shape == (1, 32, 7, 7) and stopped.shape == (1, 4, 4, 64)  # no stage after 0 but its merge
 
 
 def test_classification_checkpoint_loads_into_a_backbone_of_another_size(tmp_path):
