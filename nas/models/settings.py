@@ -89,7 +89,8 @@ def activation_bytes(config: dict, search: bool, batch: int = 1, directions: int
     if directions is None:
         directions = len(config["candidates"] or DIRECTIONS) if search else min(counts) \
             if isinstance(counts, (list, tuple)) else counts
-    return sum(batch * tokens * directions * 2 * channels * BYTES_PER_VALUE for tokens, channels in layer_shapes(config))
+    return sum(batch * tokens * directions * 2 * channels * BYTES_PER_VALUE
+               for tokens, channels in layer_shapes(config))
 
 
 def machine_memory(device: str = "cpu") -> tuple[int, str] | None:
