@@ -150,9 +150,10 @@ def test_a_pair_task_needs_both_directions(tmp_path):
 
     task = PAIRS[0]
     model, _ = register_models()
-    data = write_task(task, str(tmp_path / "data"), 64, 32, seed=1234)
-    space = bench.search_space(task, model, 1, 4, tmp_path)
+    data = write_task(task, str(tmp_path / "data"), 32, 32, seed=1234)
+    space = bench.search_space(task, model, 1, 2, tmp_path)
     cfg, _ = resolve_config(*parse_args(["-c", str(space), "--data", data, "--out", str(tmp_path / "search")]))
+    cfg["retrain"]["train"]["batch_size"] = 16  # 8 steps per epoch of the 128 images
     retrain = bench.Retrainer(tmp_path / "retrain", cfg, task.candidates)
     expected = pair_directions(task.cells, task.grid, REACH)
     one = [expected[0], next(d for d in DIRECTIONS if d not in expected)]

@@ -55,7 +55,8 @@ def test_the_rule_takes_the_set_derive_takes_per_layer_k_and_auto():
 # alpha is frozen for 2 epochs, so the derived set holds from epoch 1 to 2 and the rule (patience 1, no margin
 # asked) holds first at epoch 2, min_epochs: a stop that does not depend on how the tiny search moves alpha
 STOP = ["--search.stop.patience", "1", "--search.stop.min_margin", "0", "--search.stop.min_epochs", "2"]
-RUN = TINY + ["--epochs", "3", "--strategy.alpha_lr", "0.05", "--strategy.alpha_warmup_epochs", "2"]
+SMALL = TINY + ["--data.num_classes", "4"]  # 48 training images: 2 steps of 24 per epoch
+RUN = SMALL + ["--epochs", "3", "--strategy.alpha_lr", "0.05", "--strategy.alpha_warmup_epochs", "2"]
 SETTINGS = {**STOP_DEFAULTS, "patience": 1, "min_margin": 0.0, "min_epochs": 2}
 
 
@@ -85,8 +86,10 @@ def test_a_search_stops_when_the_rule_holds_resumes_stopped_and_continues_exactl
     assert checkpoint.load(os.path.join(stopped, "last.pt"))["loop"]["epoch"] == 2 and max(epoch_records(log)) == 2
     # a larger patience continues as if it had never stopped
     assert main(RUN + STOP[:1] + ["10"] + STOP[2:] + ["--out", stopped, "--resume"]) == 0
+    epochs = json.load(open(os.path.join(stopped, "alphas.json")))["epochs"]
+    assert epochs[2]["probs"] != epochs[1]["probs"]  # alpha trained in epoch 3, so equality below means something
     a, b = model_state(stopped), model_state(straight)
-    for key in b:  # weights and alpha (which moved in epoch 3)
+    for key in b:  # weights and alpha
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     done, ref = epoch_records(log), epoch_records(os.path.join(straight, "log.jsonl"))
     assert [r["path_steps"] for r in done.values()] == [r["path_steps"] for r in ref.values()]
@@ -97,7 +100,7 @@ def test_a_search_stops_when_the_rule_holds_resumes_stopped_and_continues_exactl
 def test_path_steps_count_images_times_layers_times_paths_run(tmp_path, strategy, paths):
     """sampled runs k = 3 paths; bilevel every path twice per step (the weight step's batch and the alpha
     step's held-out batch before it); joint: the test above."""
-    argv = TINY + ["--epochs", "1", "--strategy.name", strategy, "--strategy.k", "3"]
+    argv = SMALL + ["--epochs", "1", "--strategy.name", strategy, "--strategy.k", "3"]
     out = str(tmp_path / strategy)
     assert main(argv + ["--out", out]) == 0
     assert epoch_records(os.path.join(out, "log.jsonl"))[1]["path_steps"] == per_epoch_path_steps(argv, out,
