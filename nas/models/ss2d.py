@@ -79,9 +79,10 @@ class SS2D(nn.Module):
         dt, B, C = torch.split(x_dbl, [R, N, N], dim=2)
         dt = torch.einsum("bkrl,kdr->bkdl", dt, dt_proj)
         directions = tuple(self.directions[k] for k in self.multi_scan.slots())
-        index = scan_tables(directions, H, W, x.device, trim_leading=True)[0]
+        index, inverse = scan_tables(directions, H, W, x.device, trim_leading=True)
         return multi_direction_scan(x.unsqueeze(1).expand(batch, K, Di, L), dt, -torch.exp(A_log.float()), B, C,
-                                    Ds.float(), None, dt_bias.float(), True, index=index, backend=self.backend)
+                                    Ds.float(), None, dt_bias.float(), True, index=index, backend=self.backend,
+                                    inverse=inverse)
 
     def _direction_params(self):
         """(x_proj (K, R+2N, Di), dt_proj (K, Di, R), dt bias (K, Di), A_log (K, Di, N), D (K, Di)) of the

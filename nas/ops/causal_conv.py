@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from nas.ops import cpu_kernels, selfcheck
+from nas.ops import cpu_kernels
+from nas.ops.selective_scan import resolve_backend
 
 
 def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -20,31 +20,65 @@ def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
 
 
-class CausalConvSiluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        batch, C, S = x.shape
-        k = weight.shape[-1]
-        xc, w = x.contiguous(), weight.reshape(C, k).contiguous()
-        b = None if bias is None else bias.contiguous()
-        y = torch.empty_like(xc)
-        cpu_kernels.run("conv_forward", x.dtype, xc, w, b, y, batch * C, C, S, k)
-        ctx.save_for_backward(xc, w, b)
-        ctx.weight_shape = weight.shape
-        return y
+# torch.library's schema API, not ``custom_op`` (whose wrapper imports torch._dynamo on first use)
+torch.library.define("nas::causal_conv1d_silu_cpu", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define("nas::causal_conv1d_silu_cpu_backward",
+                     "(Tensor x, Tensor weight, Tensor? bias, Tensor gy) -> Tensor[]")
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        xc, w, b = ctx.saved_tensors
-        batch, C, S = xc.shape
-        k = w.shape[1]
-        gy = gy.to(xc.dtype).contiguous()
-        gx = torch.empty_like(xc)
-        gw = xc.new_empty((batch, C, k))  # per batch element, summed below
-        gb = None if b is None else xc.new_empty((batch, C))
-        cpu_kernels.run("conv_backward", xc.dtype, xc, w, b, gy, gx, gw, gb, batch * C, C, S, k)
-        return gx, gw.sum(0).view(ctx.weight_shape), None if gb is None else gb.sum(0)
+
+def causal_conv1d_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as the operator ``nas::causal_conv1d_silu_cpu`` (backward ``..._backward``): x (batch, C, S),
+    weight (C, 1, k), bias (C,) or None -> (batch, C, S), x's dtype (fp32 or float64, all three alike)."""
+    return torch.ops.nas.causal_conv1d_silu_cpu(x, weight, bias)
+
+
+@torch.library.impl("nas::causal_conv1d_silu_cpu", "cpu")
+def _forward(x, weight, bias):
+    batch, C, S = x.shape
+    k = weight.shape[-1]
+    xc, w = x.contiguous(), weight.reshape(C, k).contiguous()
+    y = torch.empty_like(xc)
+    cpu_kernels.run("conv_forward", x.dtype, xc, w, None if bias is None else bias.contiguous(), y, batch * C, C, S, k)
+    return y
+
+
+@torch.library.register_fake("nas::causal_conv1d_silu_cpu")
+def _forward_fake(x, weight, bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl("nas::causal_conv1d_silu_cpu_backward", "cpu")
+def _backward_kernel(x, weight, bias, gy):
+    """The kernel's backward (it recomputes the conv): [grad x, grad weight, grad bias (empty without bias)]."""
+    batch, C, S = x.shape
+    k = weight.shape[-1]
+    xc, w = x.contiguous(), weight.reshape(C, k).contiguous()
+    b = None if bias is None else bias.contiguous()
+    gy = gy.to(xc.dtype).contiguous()
+    gx = torch.empty_like(xc)
+    gw = xc.new_empty((batch, C, k))  # per batch element, summed below
+    gb = None if b is None else xc.new_empty((batch, C))
+    cpu_kernels.run("conv_backward", xc.dtype, xc, w, b, gy, gx, gw, gb, batch * C, C, S, k)
+    return [gx, gw.sum(0).view(weight.shape), x.new_empty(0) if gb is None else gb.sum(0)]
+
+
+@torch.library.register_fake("nas::causal_conv1d_silu_cpu_backward")
+def _backward_fake(x, weight, bias, gy):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+            for t in (x, weight, bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, gy):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb = torch.ops.nas.causal_conv1d_silu_cpu_backward(x, weight, bias, gy)
+    return gx, gw, None if bias is None else gb
+
+
+torch.library.register_autograd("nas::causal_conv1d_silu_cpu", _backward, setup_context=_setup_context)
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -55,6 +89,6 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     (``nas.ops.selfcheck``), else ``causal_conv1d_silu_ref``."""
     tensors = [t for t in (x, weight, bias) if t is not None]
     if (all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors) and x.dtype in (torch.float32, torch.float64)
-            and cpu_kernels.available() and selfcheck.settle("cpu", False, selfcheck.cpu_failure()) == "cpu"):
-        return CausalConvSiluFn.apply(x, weight, bias)
+            and resolve_backend("auto", x.device) == "cpu"):
+        return causal_conv1d_silu_cpu(x, weight, bias)
     return causal_conv1d_silu_ref(x, weight, bias)

@@ -40,10 +40,11 @@ def check_multi_inputs(u, delta, A, B, C, D, z, delta_bias, index):
 
 
 def multi_direction_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                               index=None, backend="torch"):
+                               index=None, backend="torch", inverse=None):
     """Gather every input into scan order, run one grouped scan over all K directions, scatter back.
 
-    This is the PyTorch path and the reference for the fused kernel.
+    This is the PyTorch path and the reference for the fused kernel. inverse: ``inverse_table(index, L)``,
+    computed here when not given (a data-dependent op that torch.compile cannot hold in one graph).
     """
     batch, K, dim, L = u.shape
     if index is not None:
@@ -58,17 +59,18 @@ def multi_direction_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=Non
                        backend=backend).view(batch, K, dim, S)
     if index is None:
         return y
-    return gather_steps(y, inverse_table(index, L))
+    return gather_steps(y, inverse_table(index, L) if inverse is None else inverse)
 
 
 def multi_direction_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                         index=None, backend="auto"):
+                         index=None, backend="auto", inverse=None):
     """Run K selective scans (one per direction) in one call.
 
     u, delta, z: (batch, K, D, L) in source order (e.g. raster order; an expanded view of one shared
     tensor is fine); A: (K, D, N); B, C: (batch, K, N, L); D, delta_bias: (K, D);
     index: (K, S) int64, scan step s of direction k reads source position index[k, s], -1 for a pad
-    step; None means every direction scans positions 0..L-1 in order.
+    step; None means every direction scans positions 0..L-1 in order. inverse: optional (K, L) int64, the source
+    position -> scan step table of ``index`` (the second table of ``scan_tables``).
     Returns y: (batch, K, D, L) in source order, u's dtype. Each valid source position must be visited
     once per direction (as ``scan_orders`` tables are); positions no step visits come back as zero.
     """
@@ -78,4 +80,4 @@ def multi_direction_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if backend == "triton":
         from nas.ops.scan_triton import multi_direction_scan_triton
         return multi_direction_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index)
-    return multi_direction_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index, backend)
+    return multi_direction_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index, backend, inverse)

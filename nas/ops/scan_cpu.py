@@ -24,7 +24,6 @@ PyTorch scan.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from nas.ops import cpu_kernels
 from nas.ops.selective_scan import compute_dtype
@@ -42,63 +41,92 @@ def _blocks(batch: int, G: int, dg: int, lanes: int) -> tuple[int, int]:
     return -(-dg // block), block
 
 
-class SelectiveScanCpuFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ct = compute_dtype(u.dtype)
-        batch, dim, L = u.shape
-        B4, C4 = ((X.unsqueeze(1) if X.dim() == 3 else X) for X in (B, C))
-        x, d, Ac, B4, C4, Dc, zc, bias = (None if t is None else t.to(ct).contiguous()
-                                          for t in (u, delta, A, B4, C4, D, z, delta_bias))
-        G, N = B4.shape[1], A.shape[1]
-        nblocks, block = _blocks(batch, G, dim // G, cpu_kernels.lanes(ct))
-        y = torch.empty((batch, dim, L), dtype=ct)
-        last = torch.empty((batch, dim, N), dtype=ct)
-        cpu_kernels.run("scan_forward", ct, x, d, Ac, B4, C4, Dc, zc, bias, y, last, batch, G, dim // G, L, N,
-                        nblocks, block, delta_softplus)
-        ctx.save_for_backward(x, d, Ac, B4, C4, Dc, zc, bias)
-        ctx.meta = (delta_softplus, [X.dim() for X in (B, C)],
-                    [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias)],
-                    nblocks, block)
-        y = y.to(u.dtype)
-        if not return_last_state:
-            return y
-        return y, last.to(torch.float32 if ct == torch.float32 else ct)
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """The inputs in the compute dtype, contiguous, B and C grouped (batch, G, N, L)."""
+    ct = compute_dtype(u.dtype)
+    B4, C4 = ((X.unsqueeze(1) if X.dim() == 3 else X) for X in (B, C))
+    return ct, [None if t is None else t.to(ct).contiguous() for t in (u, delta, A, B4, C4, D, z, delta_bias)]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, g_last=None):
-        x, d, Ac, B4, C4, Dc, zc, bias = ctx.saved_tensors
-        softplus, bc_dims, dtypes, nblocks, block = ctx.meta
-        ct = x.dtype
-        batch, dim, L = x.shape
-        G, N = B4.shape[1], Ac.shape[1]
-        gy = gy.to(ct).contiguous()
-        g_last = None if g_last is None else g_last.to(ct).contiguous()
-        gu, gdelta = torch.empty_like(x), torch.empty_like(x)
-        gz = None if zc is None else torch.empty_like(x)
-        gA = torch.empty((batch, dim, N), dtype=ct)
-        gD = None if Dc is None else torch.empty((batch, dim), dtype=ct)
-        g_bias = None if bias is None else torch.empty((batch, dim), dtype=ct)
-        gB, gC = torch.empty((2, nblocks, batch, G, N, L), dtype=ct).unbind(0)
-        cpu_kernels.run("scan_backward", ct, x, d, Ac, B4, C4, Dc, zc, bias, gy, g_last, gu, gdelta, gz, gA, gD, g_bias,
-                        gB, gC, batch, G, dim // G, L, N, nblocks, block, softplus)
-        # per batch element and per channel block -> totals
-        gB, gC = (g[0] if nblocks == 1 else g.sum(0) for g in (gB, gC))
-        gB, gC = (g.squeeze(1) if ndim == 3 else g for g, ndim in zip((gB, gC), bc_dims))
-        gA, gD, g_bias = (None if g is None else g.sum(0) for g in (gA, gD, g_bias))
-        grads = [gu, gdelta, gA, gB, gC, gD, gz, g_bias]
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
-        return (*grads, None, None)
+
+# Defined with torch.library's schema API rather than ``custom_op``, whose wrapper imports torch._dynamo (seconds)
+# on a process's first scan.
+_ARGS = "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus"
+torch.library.define("nas::selective_scan_cpu", f"({_ARGS}) -> (Tensor, Tensor)")
+torch.library.define("nas::selective_scan_cpu_backward", f"({_ARGS}, Tensor gy, Tensor g_last) -> Tensor[]")
+
+
+@torch.library.impl("nas::selective_scan_cpu", "cpu")
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The kernel's forward: y (batch, D, L) in u's dtype and the last state (batch, D, N) in the compute dtype."""
+    ct, (x, d, Ac, B4, C4, Dc, zc, bias) = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, L = u.shape
+    G, N = B4.shape[1], A.shape[1]
+    nblocks, block = _blocks(batch, G, dim // G, cpu_kernels.lanes(ct))
+    y = torch.empty((batch, dim, L), dtype=ct)
+    last = torch.empty((batch, dim, N), dtype=ct)
+    cpu_kernels.run("scan_forward", ct, x, d, Ac, B4, C4, Dc, zc, bias, y, last, batch, G, dim // G, L, N,
+                    nblocks, block, delta_softplus)
+    return y.to(u.dtype), last
+
+
+@torch.library.register_fake("nas::selective_scan_cpu")
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return torch.empty_like(u, memory_format=torch.contiguous_format), \
+        u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=compute_dtype(u.dtype))
+
+
+@torch.library.impl("nas::selective_scan_cpu_backward", "cpu")
+def _backward_kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gy, g_last):
+    """The kernel's backward (it recomputes the forward): the gradients of u, delta, A, B, C, D, z, delta_bias
+    in their dtypes; an empty tensor for an input that is None."""
+    ct, (x, d, Ac, B4, C4, Dc, zc, bias) = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, L = x.shape
+    G, N = B4.shape[1], Ac.shape[1]
+    nblocks, block = _blocks(batch, G, dim // G, cpu_kernels.lanes(ct))
+    gy, g_last = gy.to(ct).contiguous(), g_last.to(ct).contiguous()
+    gu, gdelta = torch.empty_like(x), torch.empty_like(x)
+    gz = None if zc is None else torch.empty_like(x)
+    gA = torch.empty((batch, dim, N), dtype=ct)
+    gD = None if Dc is None else torch.empty((batch, dim), dtype=ct)
+    g_bias = None if bias is None else torch.empty((batch, dim), dtype=ct)
+    gB, gC = (torch.empty((nblocks, batch, G, N, L), dtype=ct) for _ in range(2))
+    cpu_kernels.run("scan_backward", ct, x, d, Ac, B4, C4, Dc, zc, bias, gy, g_last, gu, gdelta, gz, gA, gD, g_bias,
+                    gB, gC, batch, G, dim // G, L, N, nblocks, block, delta_softplus)
+    # per batch element and per channel block -> totals
+    gB, gC = (g.sum(0).reshape(X.shape) for g, X in ((gB, B), (gC, C)))
+    gA, gD, g_bias = (None if g is None else g.sum(0) for g in (gA, gD, g_bias))
+    grads = zip((gu, gdelta, gA, gB, gC, gD, gz, g_bias), (u, delta, A, B, C, D, z, delta_bias))
+    return [u.new_empty(0) if t is None else g.to(t.dtype) for g, t in grads]
+
+
+@torch.library.register_fake("nas::selective_scan_cpu_backward")
+def _backward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gy, g_last):
+    return [u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, gy, g_last):
+    tensors = ctx.saved_tensors
+    grads = torch.ops.nas.selective_scan_cpu_backward(*tensors, ctx.delta_softplus, gy, g_last)
+    return (*(None if t is None else g for g, t in zip(grads, tensors)), None)
+
+
+torch.library.register_autograd("nas::selective_scan_cpu", _backward, setup_context=_setup_context)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
-    """Selective scan by the compiled CPU kernel (CPU tensors), with a hand-written backward.
+    """Selective scan by the compiled CPU kernel (CPU tensors): the operator ``nas::selective_scan_cpu``, whose
+    backward is ``nas::selective_scan_cpu_backward``.
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (D,).
     Inputs are assumed validated and the kernel available (``nas.ops.selective_scan`` checks both).
     Returns y (batch, D, L) in u's dtype [, last state (batch, D, N) in fp32, float64 for float64 inputs].
     """
-    return SelectiveScanCpuFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                    bool(return_last_state))
+    y, last = torch.ops.nas.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return (y, last) if return_last_state else y

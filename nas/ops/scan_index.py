@@ -43,15 +43,14 @@ def insert_class_token(table: torch.Tensor, position: int) -> torch.Tensor:
 
 def trim_pads(table: torch.Tensor, leading: bool) -> torch.Tensor:
     """(K, S) -> (K, S'): the pad steps after every row's last token (and before its first, if ``leading``)
-    dropped; rows stay left-aligned, the table as wide as its longest row."""
-    valid = table >= 0
-    steps = torch.arange(table.shape[1], device=table.device)
-    last = torch.where(valid, steps, -1).amax(1)
-    first = torch.where(valid, steps, table.shape[1]).amin(1) if leading else torch.zeros_like(last)
-    out = torch.full((table.shape[0], int((last - first).max()) + 1), -1, dtype=torch.long, device=table.device)
-    for k in range(table.shape[0]):
-        out[k, : last[k] - first[k] + 1] = table[k, first[k]: last[k] + 1]
-    return out
+    dropped; rows stay left-aligned, the table as wide as its longest row. Read as Python lists: tables are
+    built once per grid and direction list (``scan_tables``), never inside a traced forward."""
+    rows = []
+    for row in table.tolist():
+        steps = [s for s, source in enumerate(row) if source >= 0]
+        rows.append(row[steps[0] if leading else 0: steps[-1] + 1])
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long, device=table.device)
 
 
 def inverse_table(table: torch.Tensor, n_src: int) -> torch.Tensor:
@@ -62,7 +61,7 @@ def inverse_table(table: torch.Tensor, n_src: int) -> torch.Tensor:
     return inverse
 
 
-@functools.lru_cache(maxsize=512)
+@torch.compiler.assume_constant_result  # torch.compile holds the tables as constants, not the code making them
 def scan_tables(directions: tuple, H: int, W: int, device: torch.device, cls_position: int | None = None,
                 trim_leading: bool = False):
     """Index tables of several directions over a source sequence of tokens.
@@ -77,6 +76,11 @@ def scan_tables(directions: tuple, H: int, W: int, device: torch.device, cls_pos
     Returns (table (K, S) long: source index of scan step s of direction k, -1 = pad;
     inverse (K, L_src) long: scan step of each source token, every one read). Cached: treat as read-only.
     """
+    return _tables(tuple(directions), H, W, torch.device(device), cls_position, trim_leading)
+
+
+@functools.lru_cache(maxsize=512)  # inside, not on, scan_tables: torch.compile traces through an lru_cache
+def _tables(directions: tuple, H: int, W: int, device: torch.device, cls_position: int | None, trim_leading: bool):
     table = scan_orders(directions, H, W)
     if cls_position is not None:
         table = insert_class_token(table, cls_position)

@@ -120,6 +120,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result  # torch.compile and torch.export take the answer, not the checks behind it
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" to a concrete backend and reject backends that cannot run on `device`."""
     if backend not in BACKENDS:

@@ -53,7 +53,7 @@ def test_a_wrong_kernel_falls_back_to_torch_with_one_warning_line(fresh, monkeyp
     conv_calls = []
     with caplog.at_level(logging.WARNING):
         y = selective_scan(**x)  # "auto": the first call checks
-        monkeypatch.setattr(causal_conv.CausalConvSiluFn, "apply", lambda *a: conv_calls.append(a))
+        monkeypatch.setattr(causal_conv, "causal_conv1d_silu_cpu", lambda *a: conv_calls.append(a))
         selective_scan(**x)
         conv = causal_conv.causal_conv1d_silu(torch.randn(1, 3, 5), torch.randn(3, 1, 4), None)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
