@@ -267,8 +267,8 @@ def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
     thread at N < 4), and T = 4 (2 past N = 16): at d_state 16 the backward then compiles for sm_90 in 255
     registers without spilling, where T = 8 spills inside the time loop (benchmarks/kernel_resources.py)."""
     NP = triton.next_power_of_2(N)
-    if interpret:  # every tensor op is a numpy call in the interpreter: keep tiles tiny
-        return min(4, triton.next_power_of_2(Dg)), min(4, triton.next_power_of_2(S))
+    if interpret:  # a numpy call per tensor op and program: few programs, tiles no wider than the channels
+        return min(32, triton.next_power_of_2(Dg)), 4
     lanes = 32 // max(1, NP // 16)  # channel lanes
     block_d = lanes * max(1, 4 // NP)
     return min(block_d, max(triton.next_power_of_2(Dg), lanes)), 4 if NP <= 16 else 2
