@@ -13,10 +13,10 @@ Runs on any machine with the triton wheel (its bundled ptxas and cuobjdump). Two
    issued; 3.35 TB/s HBM) it estimates the forward and backward of two layers, batch 128, bf16: a LocalVim-T
    search layer and a LocalVMamba-T stage-1 layer (sizes from the model configs). Each estimate is the largest
    of: MUFU, FP32, SHFL and issue time of the executed loop instructions, and HBM time of the bytes the kernel
-   must move (also recorded without the issue limit, as `pipes_only_ms`) (inputs read once, outputs and checkpoints written once, one fp32 atomic per dB/dC element per
-   channel tile). The floor is the exponentials alone: one per (batch, channel, step, state) per pass, one
-   pass forward and two backward (the recompute and the adjoint), at 16 per SM and clock. An estimate, never
-   a timing: it ignores latency, occupancy and caches.
+   must move (inputs read once, outputs and checkpoints written once, one fp32 atomic per dB/dC element per
+   16-channel partial); `pipes_only_ms` is the same without the issue limit. The floor is the exponentials
+   alone: one per (batch, channel, step, state) per pass, one pass forward and two backward (the recompute and
+   the adjoint), at 16 per SM and clock. An estimate, never a timing: it ignores latency, occupancy, caches.
 
 Prints tables and writes both records to benchmarks/results/.
 """
@@ -60,8 +60,9 @@ def model_shapes() -> dict:
     return {
         "localvim_t_search": {"batch": 128, "K": 8, "d_inner": vim["expand"] * vim["embed_dim"], "N": vim["d_state"],
                               "L": vim_L},
-        "localvmamba_t_stage1": {"batch": 128, "K": vss["scans_per_layer"], "d_inner": int(vss["ssm_ratio"] * vss["dims"][0]),
-                                 "N": vss["d_state"], "L": grid * grid},
+        "localvmamba_t_stage1": {"batch": 128, "K": vss["scans_per_layer"],
+                                 "d_inner": int(vss["ssm_ratio"] * vss["dims"][0]), "N": vss["d_state"],
+                                 "L": grid * grid},
     }
 
 
@@ -80,7 +81,8 @@ def old_kernels(tmp: Path):
 def old_counts(tmp: Path) -> dict:
     module = old_kernels(tmp)
     block_d, T, warps = OLD_CONFIG
-    common = dict(N=16, NP=16, BLOCK_D=block_d, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_INDEX=True)
+    common = dict(N=16, NP=16, BLOCK_D=block_d, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
+                  HAS_INDEX=True)
     out = {"config": list(OLD_CONFIG), "commit": OLD_COMMIT}
     for name, fn, extra in (("forward", module._scan_fwd_kernel, dict(SAVE_CKPT=True, SAVE_LAST=False)),
                             ("backward", module._scan_bwd_kernel, dict(ATOMIC_BC=True))):

@@ -45,10 +45,10 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(1.0 / LOG2E)
 _SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
 # Sizes never key the compile cache, nor does `one` (always 1): offsets along the states are multiplied by
-# it, so that the compiler does not see them contiguous and lay those loads and stores out its own way
-# (4 states a thread across 4 lanes), which would cost a trip through shared memory at every step to
-# and from the tile's layout (16 states in a thread, channels across the lanes). Strides key it only by being 1 (a unit stride lets the compiler
-# drop a multiply), never by their alignment, so a new length or batch reuses the compiled kernel.
+# it, so that the compiler does not see them contiguous and lay those loads and stores out its own way (4
+# states a thread across 4 lanes), which would cost a trip through shared memory at every checkpoint to and
+# from the tile's layout (the states in a thread, channels across the lanes). Strides key it only by being
+# 1 (a unit stride saves a multiply), never by their alignment, so a new length or batch reuses the kernel.
 _SIZES = ["G", "Dg", "S", "L", "n_chunks", "one"]
 _STRIDES = ["su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l", "sz_b", "sz_g", "sz_d", "sz_l",
             "sB_b", "sB_g", "sB_n", "sB_l", "sC_b", "sC_g", "sC_n", "sC_l", "sdy_b", "sdy_g", "sdy_d", "sdy_l"]
@@ -58,7 +58,8 @@ _STRIDES = ["su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l", 
 def _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr,
           HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
     """This program's (batch, group) and its channel tile: d [1, KC, CL] (channel within the group), n
-    [NP, 1, 1] (times `one`: see _SIZES), their masks, and the tile's A * log2(e) [NP, KC, CL], D and bias [1, KC, CL]."""
+    [NP, 1, 1] (times `one`: see _SIZES), their masks, and the tile's A * log2(e) [NP, KC, CL], D and bias
+    [1, KC, CL]."""
     bg = tl.program_id(0)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
@@ -82,8 +83,8 @@ def _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N: tl.constexpr, NP: tl.constexp
 def _step_inputs(s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
                  SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr):
     """Scan step s: its source position (clamped to 0 on a pad), the channel and state masks of a token step
-    (all false on a pad), whether it is inside the sequence, u and delta [1, KC, CL] (delta biased, softplus'd; 0 past the end, so the state is left
-    alone there), delta before softplus, and B_t [NP, 1, 1]."""
+    (all false on a pad), whether it is inside the sequence, u and delta [1, KC, CL] (delta biased,
+    softplus'd; 0 past the end, so the state is left alone there), delta before softplus, and B_t [NP, 1, 1]."""
     in_seq = s < S
     if HAS_INDEX:
         pos = tl.load(idx_ptr + g * S + s, mask=in_seq, other=-1)
@@ -115,8 +116,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                      N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr,
-                     SAVE_LAST: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr):
     """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, KC, CL, NP) fp32; last (batch, G * Dg, N)."""
     b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
                                                           HAS_D, HAS_BIAS)
@@ -146,8 +146,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                 zv = tl.load(z_base + p * sz_l, mask=m_d, other=0.0).to(tl.float32)
                 y *= zv * tl.sigmoid(zv)
             tl.store(y_base + p * Dg, y, mask=m_d)
-    if SAVE_LAST:
-        tl.store(last_ptr + (b * G * Dg + ch) * N + n, h, mask=mask_d & mask_n)
+    tl.store(last_ptr + (b * G * Dg + ch) * N + n, h, mask=mask_d & mask_n)
 
 
 @triton.jit
@@ -313,7 +312,7 @@ class _TritonScan(torch.autograd.Function):
                 *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
                 N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-                SAVE_CKPT=need_grad, SAVE_LAST=True, num_warps=1, enable_fp_fusion=True)
+                SAVE_CKPT=need_grad, num_warps=1, enable_fp_fusion=True)
         ctx.save_for_backward(u, delta, A2, B, C, Dv32, z, bias32, index, ckpt)
         ctx.set_materialize_grads(False)  # an unused last state gives no gradient to load
         ctx.meta = (softplus, S, block_d, T, n_chunks, A.dtype, None if Dv is None else Dv.dtype,

@@ -184,7 +184,7 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     common = dict(N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=D, HAS_Z=z, HAS_BIAS=delta_bias, SOFTPLUS=softplus,
                   HAS_INDEX=index)
     kernels = {
-        "forward": (_scan_fwd_kernel, dict(common, SAVE_CKPT=True, SAVE_LAST=True)),
+        "forward": (_scan_fwd_kernel, dict(common, SAVE_CKPT=True)),
         "backward": (_scan_bwd_kernel, dict(common, HAS_DLAST=dlast, ATOMIC_BC=triton.cdiv(Dg, block_d) > 1)),
     }
     out = {"config": [block_d, T]}
