@@ -345,7 +345,7 @@ class _TritonScan(torch.autograd.Function):
             _scan_bwd_kernel[(batch * G, tiles)](
                 u, delta, z if z is not None else dummy, dy, A2, B, C, Dv32 if Dv32 is not None else dummy,
                 bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt,
-                dlast if dlast is not None else dummy, du, ddt, dz if dz is not None else dummy, dB, dC, dA,
+                dummy if dlast is None else dlast.contiguous(), du, ddt, dz if dz is not None else dummy, dB, dC, dA,
                 dD if dD is not None else dummy, dbias if dbias is not None else dummy,
                 G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
                 *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),

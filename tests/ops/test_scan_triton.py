@@ -86,6 +86,17 @@ def test_grouped_scan_with_odd_state_size():
     assert_matches_float64(x, ALL, True, (1, 4))
 
 
+def test_last_state_gradient_from_a_broadcast_cotangent():
+    """last.sum() hands the backward a stride-0 cotangent; it must be read as the values it stands for."""
+    x = make_inputs(1, 4, 5, 2, seed=5)
+    x64 = as_float64(x)
+    g_got, g_want = ({k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(xx.items(), torch.autograd.grad(
+        scan(xx, ALL, True, backend=be)[1].sum(), list(xx.values()), allow_unused=True))}
+        for xx, be in ((x, "triton"), (x64, "ref")))  # y unused: C and z get no gradient
+    for name in x:
+        torch.testing.assert_close(g_got[name].double(), g_want[name].double(), **TOL[torch.float32], msg=name)
+
+
 @pytest.mark.parametrize("dim", [20, 40])  # one and two tiles of 2 x 16 channels (the GPU's tile)
 def test_gpu_tile_shape(dim):
     assert_matches_float64(make_inputs(1, dim, 6, 2, seed=dim), ALL, True, (32, 4))
