@@ -2,6 +2,7 @@
 
     python derive.py runs/NAME [-k 4] [--distinct]   # arch.yaml, the per-layer table, the Python lists, figures/
     python derive.py runs/NAME --retrain [--epochs N] [--data PATH|demo] [--out DIR] [--inherit] [--resume]
+    python derive.py runs/NAME [--retrain ...] --export onnx   # model.onnx, checked in onnxruntime
 
 User mistakes (a folder that is no search run, a damaged run file, a bad arch file, -k outside 1..8, an
 unknown model, an arch.yaml older than the run's alphas) print one line and exit with code 2.
@@ -16,9 +17,11 @@ from typing import Callable
 
 from nas import config as cfglib
 from nas.cli.command import run_command
+from nas.models.export_onnx import require_export_packages
 from nas.derive.arch_file import baseline_config, check_arch, load_arch, stale_reason
 from nas.derive.export import (DeriveError, draw_figures, format_table, kept_rule, make_arch, python_literal, read_run,
                                searched_k, write_arch)
+from nas.derive.onnx_file import export_run
 from nas.derive.retrain import (RETRAIN_DEFAULTS, check_retrain_config, retrain_config, retrained_directions,
                                 run_retrain, search_data_named)
 
@@ -58,6 +61,10 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="retraining folder (default RUN/retrain)")
     p.add_argument("--inherit", action="store_true", help="start from the supernet's weights of the kept directions")
     p.add_argument("--resume", action="store_true", help="continue the retraining in --out from its last.pt")
+    p.add_argument("--export", choices=["onnx"], default=None,
+                   help="also write the derived model as ONNX: the retrained weights to OUT/model.onnx when the "
+                        "retraining folder OUT (--out, default RUN/retrain) holds them, else the freshly built model "
+                        "to RUN/model.onnx")
     return p.parse_known_args(argv)
 
 
@@ -167,15 +174,19 @@ def main(argv=None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
 
     def body():
+        if args.export:
+            require_export_packages()  # before any work
         if not args.retrain:
             if rest:
                 raise DeriveError(f"arguments {' '.join(rest)}: overrides only apply with --retrain")
             derive(args.run, args.k, args.distinct)
-            return
-        with search_data_named(args.run):
-            cfg, out = prepare_retrain(args, rest)
-            record = run_retrain(cfg, out)
-        print(summary(cfg, record, args.run, out))
+        else:
+            with search_data_named(args.run):
+                cfg, out = prepare_retrain(args, rest)
+                record = run_retrain(cfg, out)
+            print(summary(cfg, record, args.run, out))
+        if args.export:
+            print(export_run(args.run, args.out or os.path.join(args.run, "retrain")))
 
     return run_command("derive.py", body)
 
