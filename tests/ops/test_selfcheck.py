@@ -2,6 +2,7 @@
 made wrong on purpose (forward, one gradient, an exception), falls back to the torch backend with one warning
 line (or refuses when the backend was named), can be switched off, and costs little."""
 import logging
+import os
 import time
 
 import pytest
@@ -94,6 +95,7 @@ def test_the_check_costs_well_under_a_second(fresh):
 
 
 @pytest.mark.interpret
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernels in the interpreter")
 def test_the_triton_check_passes_the_kernels_and_catches_a_fault(fresh, monkeypatch):
     """The models' launch (all directions through an index table with pads, every option), under the
     interpreter: the real kernels pass, a kernel 1% off fails, and "auto" then runs torch."""
