@@ -186,7 +186,7 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
     train_loader = build_loader(data.train, train["batch_size"], True, train["workers"], cfg["seed"])
     val_loader = build_loader(data.val, train["batch_size"], False, train["workers"], cfg["seed"])
     with open_run(out, env, cfg, data) as run:
-        train_model = data_parallel(model, env)
+        train_model = data_parallel(model, env, compile=train.get("compile", False))
         optimizer = adamw(weight_groups(model, train["lr"], train["weight_decay"]))
         how = "from the supernet's weights" if cfg["inherit"] else "from scratch"
         run.logger.info(f"retrain {cfg['model']} {how} on {data.summary()}; writing to {out}")

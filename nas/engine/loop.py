@@ -46,6 +46,7 @@ TRAIN_DEFAULTS = {
     "max_bad_steps": 10,     # consecutive non-finite losses before the run stops
     "device": "auto",        # auto | cpu | cuda
     "stop_after_epochs": None,  # end each invocation after this many epochs (time-limited jobs); resume later
+    "compile": False,        # torch.compile the training module (checkpoints hold the bare model's weights either way)
 }
 
 

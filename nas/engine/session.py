@@ -90,14 +90,15 @@ def run_folder(out: str, env: DistEnv, argument: str = "--out"):
             lock.release()
 
 
-def data_parallel(model, env: DistEnv, find_unused_parameters: bool = False):
-    """The module that runs the training steps: DDP-wrapped under torchrun, else the model itself."""
+def data_parallel(model, env: DistEnv, find_unused_parameters: bool = False, compile: bool = False):
+    """The module that runs the training steps: DDP-wrapped under torchrun, else the model itself; with
+    ``compile`` (train.compile) under torch.compile. Checkpoints save ``model``, never this wrapper."""
     model.to(env.device)
-    if not env.distributed:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters)
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
+    return torch.compile(model) if compile else model
 
 
 RUN_KEYS = ("model", "optimizer", "task", "loop", "rng")  # what a run checkpoint must hold to resume from
@@ -165,7 +166,8 @@ def use_resume(point: ResumePoint | None, out: str, env: DistEnv, logger) -> dic
 
 # Settings a stopped run may take on when it resumes: they change how it runs, not what it computes (the
 # number of epochs may only grow). Everything else must match the checkpoint.
-SAFE_ON_RESUME = ("train.workers", "train.stop_after_epochs", "train.device", "train.max_bad_steps", "log")
+SAFE_ON_RESUME = ("train.workers", "train.stop_after_epochs", "train.device", "train.max_bad_steps", "train.compile",
+                  "log")
 
 
 class ResumeMismatch(UserError):

@@ -34,6 +34,7 @@ TRAIN_CHECKS = {
     "max_bad_steps": integer(1),
     "device": Check("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and bool(_DEVICE.match(v))),
     "stop_after_epochs": integer(1).or_none("run to train.epochs"),
+    "compile": BOOLEAN,
 }
 
 

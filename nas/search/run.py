@@ -137,7 +137,8 @@ def _run(env, cfg: dict, out: str, on_epoch=None) -> dict:
                                    stage_ends(model.config.get("depths")), cfg["search"].get("stop"))
         if heldout_loader is not None:
             strategy.set_heldout(heldout_loader)
-        train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters)
+        train_model = data_parallel(model, env, find_unused_parameters=strategy.find_unused_parameters,
+                                    compile=cfg["train"].get("compile", False))
         optimizer = strategy.build_optimizer()
         run.logger.info(f"search {cfg['model']} ({strategy.name}) on {data.summary()}; writing to {out}")
         note = coincidence_note(model)
