@@ -1,8 +1,8 @@
 """A derived model out of the tool as ONNX, through PyTorch's own exporter, and its check in onnxruntime.
 
 ``torch.export`` traces the model (the scan tables are constants, the CPU kernels registered operators with fake
-implementations), ``run_decompositions`` replaces those operators by standard ops (the scan in closed form over
-chunks, ``nas.ops.scan_chunked``; the conv by PyTorch's conv), and ``torch.onnx.export`` writes the program.
+implementations), ``run_decompositions`` replaces those operators by standard ops (the scan's recurrence as an
+ONNX Scan, ``nas.ops.scan_chunked``; the conv by PyTorch's conv), and ``torch.onnx.export`` writes the program.
 The batch size is a dynamic axis; the image size is fixed at export (the scan orders depend on the token grid).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from nas.errors import UserError
 from nas.models.features import check_image
 from nas.models.search_space import arch_parameters
-from nas.ops.scan_chunked import CHUNK, export_decompositions
+from nas.ops.scan_chunked import export_decompositions
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -48,9 +48,11 @@ def check_exportable(model: torch.nn.Module, img_size) -> tuple[int, int]:
     return H, W
 
 
-def export_onnx(model: torch.nn.Module, path: str, img_size, chunk: int = CHUNK, opset: int | None = None) -> str:
+def export_onnx(model: torch.nn.Module, path: str, img_size, chunk: int | None = None, opset: int | None = None) -> str:
     """Write ``model`` (a derived LocalVim / LocalVMamba) as ONNX to ``path`` for (batch, 3, H, W) fp32 images,
-    batch dynamic, logits (batch, num_classes) out. img_size: int or (H, W). Returns ``path``."""
+    batch dynamic, logits (batch, num_classes) out. img_size: int or (H, W). chunk: None, the scan as an ONNX
+    Scan (the default, see ``nas.ops.scan_chunked``), or its closed form over chunks of this many steps.
+    Returns ``path``."""
     require_export_packages(("onnx", "onnxscript"))
     H, W = check_exportable(model, img_size)
     was_training = model.training

@@ -1,0 +1,201 @@
+"""Benchmark inference of derived models on CPU: eager PyTorch (the compiled CPU kernels), torch.compile
+(Inductor) and onnxruntime (the file nas.models.export_onnx writes), images/s at batch 1 and 32, fp32; and the
+form of the exported scan.
+
+- part "models": local_vim_tiny and local_vssm_tiny (published directions) at 224. Per model: eager images/s,
+  the compile time (first call) and compiled images/s, the export time, onnxruntime's logits against PyTorch's
+  (max abs difference, batch 2) and its images/s. Every rate is the best of ``--reps`` timed calls after one
+  warm-up call, all in this one process (compare by ratios).
+- part "forms": the exported scan alone (``nas.ops.scan_chunked``: the recurrence as an ONNX Scan, and the closed
+  form over chunks of T steps for several T) at a LocalVim-T layer's shape (4 directions x 384 channels, 197
+  tokens, N 16): export time, onnxruntime's time at batch 1 and 32, the largest error against the sequential
+  reference. The exporter's form is chosen from this table.
+- part "train": one training step (forward, cross-entropy, backward, AdamW) of the demo supernet and of the demo
+  derived model at the demo's batch 64, eager and compiled: the compiled model's first step (compile time) and
+  the steady step of each.
+
+Prints the tables and writes benchmarks/results/bench_inference_cpu.json (device, versions, rows).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_common import Record, environment  # noqa: E402
+from nas.models import create_model  # noqa: E402
+from nas.models.export_onnx import export_onnx, onnx_logits  # noqa: E402
+from nas.ops.scan_chunked import selective_scan_chunked, selective_scan_recurrent  # noqa: E402
+from nas.ops.selective_scan import selective_scan_ref  # noqa: E402
+
+MODELS = ["local_vim_tiny", "local_vssm_tiny"]
+BATCHES = [1, 32]
+FORMS = [None, 8, 16]  # None: the recurrence (ONNX Scan); T: chunks of T steps
+
+
+def best_seconds(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ort_session(path: str):
+    import onnxruntime
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def ort_rate(session, x: torch.Tensor, reps: int) -> float:
+    name = session.get_inputs()[0].name
+    feed = {name: x.numpy()}
+    return x.shape[0] / best_seconds(lambda: session.run(None, feed), reps)
+
+
+def bench_model(name: str, reps: int, folder: str, record: Record) -> dict:
+    """One model's row; each figure is written to the record's ``partial`` as soon as it is measured."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    xs = {b: torch.randn(b, 3, 224, 224) for b in BATCHES}
+    x2 = torch.randn(2, 3, 224, 224)
+    row = {"model": name, "img_size": 224}
+
+    def note(**fields):
+        row.update(fields)
+        record.update(partial=row)
+
+    with torch.no_grad():
+        for b, x in xs.items():
+            note(**{f"eager_img_s_b{b}": b / best_seconds(lambda: model(x), reps)})
+    path = os.path.join(folder, f"{name}.onnx")
+    t0 = time.perf_counter()
+    export_onnx(model, path, 224)
+    note(export_s=time.perf_counter() - t0, onnx_mb=os.path.getsize(path) / 2 ** 20)
+    with torch.no_grad():
+        note(onnx_max_abs_diff=(onnx_logits(path, x2) - model(x2)).abs().max().item())
+    session = ort_session(path)
+    for b, x in xs.items():
+        note(**{f"onnxruntime_img_s_b{b}": ort_rate(session, x, reps)})
+    with torch.no_grad():
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        compiled(xs[1])
+        note(compile_s=time.perf_counter() - t0)
+        for b, x in xs.items():
+            note(**{f"compiled_img_s_b{b}": b / best_seconds(lambda: compiled(x), reps)})
+        note(compiled_max_abs_diff=(compiled(x2) - model(x2)).abs().max().item())
+    return row
+
+
+class ScanModule(torch.nn.Module):
+    def __init__(self, chunk: int | None):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, u, delta, A, B, C, D, z, delta_bias):
+        if self.chunk is None:
+            return selective_scan_recurrent(u, delta, A, B, C, D, z, delta_bias, True)[0]
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, True, self.chunk)[0]
+
+
+def scan_inputs(batch: int, K: int = 4, Di: int = 384, L: int = 197, N: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dim = K * Di
+    return (torch.randn(batch, dim, L, generator=g), torch.randn(batch, dim, L, generator=g) - 1.0,
+            -torch.exp(torch.rand(dim, N, generator=g) * 2.8), torch.randn(batch, K, N, L, generator=g),
+            torch.randn(batch, K, N, L, generator=g), torch.randn(dim, generator=g),
+            torch.randn(batch, dim, L, generator=g), torch.randn(dim, generator=g) * 0.5)
+
+
+def bench_form(chunk: int | None, reps: int, folder: str) -> dict:
+    path = os.path.join(folder, f"scan_{chunk}.onnx")
+    example = scan_inputs(2)
+    batch = torch.export.Dim("batch")
+    dims = {"u": {0: batch}, "delta": {0: batch}, "A": None, "B": {0: batch}, "C": {0: batch}, "D": None,
+            "z": {0: batch}, "delta_bias": None}
+    t0 = time.perf_counter()
+    program = torch.export.export(ScanModule(chunk), example, dynamic_shapes=dims)
+    torch.onnx.export(program, example, dynamo=True).save(path)
+    row = {"form": "recurrent (Scan)" if chunk is None else f"chunks of {chunk}", "export_s": time.perf_counter() - t0}
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    want = selective_scan_ref(*example[:5], *example[5:], True)
+    got = torch.from_numpy(session.run(None, dict(zip(names, (t.numpy() for t in example))))[0])
+    row["max_abs_diff_vs_ref"] = (got - want).abs().max().item()
+    for b in BATCHES:
+        feed = dict(zip(names, (t.numpy() for t in scan_inputs(b))))
+        row[f"ms_b{b}"] = 1e3 * best_seconds(lambda: session.run(None, feed), reps)
+    return row
+
+
+def train_step_seconds(model, batch: int, img: int, reps: int, compiled: bool) -> tuple[float, float]:
+    """(first step, best steady step) of forward + cross-entropy + backward + AdamW at random data."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, img, img, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    run = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(run(x), y).backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    return first, best_seconds(step, reps)
+
+
+def bench_train(name: str, reps: int) -> dict:
+    row = {"model": name, "batch": 64}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        first, steady = train_step_seconds(create_model(name), 64, 28, reps, mode == "compiled")
+        row[f"{mode}_first_step_s"], row[f"{mode}_step_s"] = first, steady
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="forms,models,train", help="comma-separated: forms, models, train")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_inference_cpu.json"))
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    record = Record(args.out, "bench_inference", "cpu", environment("cpu"), reps=args.reps)
+    forms = [f"form {c}" for c in FORMS]
+    record.update(plan=(forms if "forms" in parts else []) + [m for m in MODELS if "models" in parts]
+                  + [f"train {m}" for m in ("local_vim_demo_search", "local_vim_demo") if "train" in parts])
+    with tempfile.TemporaryDirectory() as folder:
+        if "forms" in parts:
+            print("exported scan, LocalVim-T layer shape (4 x 384 channels, L 197, N 16), onnxruntime")
+            print(f"{'form':>18} {'b1 ms':>9} {'b32 ms':>9} {'max err':>9} {'export s':>9}")
+            for c, label in zip(FORMS, forms):
+                r = record.add("forms", bench_form(c, args.reps, folder), label)
+                print(f"{r['form']:>18} {r['ms_b1']:>9.1f} {r['ms_b32']:>9.1f} {r['max_abs_diff_vs_ref']:>9.1e} "
+                      f"{r['export_s']:>9.1f}", flush=True)
+        if "models" in parts:
+            print("\nimages/s at 224, fp32 (eager: the compiled CPU kernels; compiled: torch.compile; ort: onnxruntime)")
+            for name in MODELS:
+                r = record.add("models", bench_model(name, args.reps, folder, record), name, partial=None)
+                print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
+    if "train" in parts:
+        print("\ntraining step at batch 64 (28 x 28 demo images), seconds")
+        for name in ("local_vim_demo_search", "local_vim_demo"):
+            r = record.add("train", bench_train(name, args.reps), f"train {name}")
+            print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
+    record.finish()
+
+
+if __name__ == "__main__":
+    main()
