@@ -124,7 +124,8 @@ def test_a_damaged_last_pt_falls_back_to_the_newest_readable_checkpoint(tmp_path
         "; resuming from prev.pt (epoch 2, step 10): the training after it is lost and will be done again")
     event = read_log(os.path.join(out, "log.jsonl"))[0]
     assert event["event"] == "checkpoint_fallback" and event["used"] == "prev.pt" and event["epochs_done"] == 2
-    assert not last.exists() and (tmp_path / "last.pt.damaged").exists()  # kept, and not linked as prev.pt later
+    assert (tmp_path / "last.pt.damaged").exists()  # kept, and not linked as prev.pt later
+    assert checkpoint.load(str(last))["loop"]["step"] == 10  # last.pt is the checkpoint resumed from again
 
 
 def test_best_pt_is_used_when_it_is_newer_and_all_damaged_is_an_error(tmp_path):
