@@ -9,6 +9,7 @@ from nas.models import local_vim, local_vmamba  # noqa: F401  (register the vari
 from nas.models.arch import check_candidates, check_directions, published_directions
 from nas.models.backbone import FPNHead, load_backbone_checkpoint
 from nas.models.checkpoint import derived_from_supernet, load_checkpoint, read_state_dict
+from nas.models.export_onnx import export_onnx, onnx_logits
 from nas.models.flops import count_parameters, flops
 from nas.models.local_vim import LocalVim
 from nas.models.local_vmamba import LocalVMamba
@@ -22,4 +23,4 @@ __all__ = ["create_model", "list_models", "is_search_model", "arch_parameters", 
            "derive_directions", "split_parameters", "set_batched", "set_active_paths", "load_checkpoint",
            "read_state_dict", "derived_from_supernet", "flops", "count_parameters", "published_directions",
            "check_directions", "check_candidates", "LocalVim", "LocalVMamba", "SCAttn", "load_backbone_checkpoint",
-           "FPNHead"]
+           "FPNHead", "export_onnx", "onnx_logits"]
