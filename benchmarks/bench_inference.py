@@ -175,7 +175,7 @@ def main() -> None:
     record = Record(args.out, "bench_inference", "cpu", environment("cpu"), reps=args.reps)
     forms = [f"form {c}" for c in FORMS]
     record.update(plan=(forms if "forms" in parts else []) + [m for m in MODELS if "models" in parts]
-                  + [f"train {m}" for m in ("local_vim_demo_search", "local_vim_demo") if "train" in parts])
+                  + [f"train {m}" for m in ("local_vim_demo", "local_vim_demo_search") if "train" in parts])
     with tempfile.TemporaryDirectory() as folder:
         if "forms" in parts:
             print("exported scan, LocalVim-T layer shape (4 x 384 channels, L 197, N 16), onnxruntime")
@@ -191,7 +191,7 @@ def main() -> None:
                 print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
     if "train" in parts:
         print("\ntraining step at batch 64 (28 x 28 demo images), seconds")
-        for name in ("local_vim_demo_search", "local_vim_demo"):
+        for name in ("local_vim_demo", "local_vim_demo_search"):
             r = record.add("train", bench_train(name, args.reps), f"train {name}")
             print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
     record.finish()
