@@ -89,9 +89,9 @@ def test_the_check_runs_under_no_grad_and_inference_mode(fresh):
 
 def test_the_check_costs_well_under_a_second(fresh):
     cpu_kernels.library()  # built or loaded already: the check's own cost
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: on a busy machine the wall clock says little
     assert selfcheck.cpu_failure() == ""
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
 
 
 @pytest.mark.interpret
