@@ -18,7 +18,8 @@ TINY = ["--data.images_per_class", "12", "--data.num_classes", "4", "--train.bat
 # Runs a command line script with an import hook that holds the import of torch until Ctrl-C comes: the signal
 # lands while the script is still importing, however fast this machine imports (a race before).
 HOLD_TORCH = """
-import runpy, sys, time
+import runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job inherits SIG_IGN
 class HoldTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
