@@ -153,6 +153,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 MIN_CAPABILITY = (8, 0)  # the Triton kernels' bf16 and their tile sizes assume Ampere or newer
+_warned_gpus: set = set()
 
 
 def _old_gpu(device: torch.device) -> str:
@@ -169,9 +170,6 @@ def gpu_supported(device: torch.device) -> bool:
         _warned_gpus.add(device.index)
         log.warning("%s; using the torch backend", _old_gpu(device))
     return False
-
-
-_warned_gpus: set = set()
 
 
 def checked_backend(backend: str, requested: str, u, A, B, D, z, delta_bias, delta_softplus, return_last_state,

@@ -111,3 +111,23 @@ def test_the_triton_check_passes_the_kernels_and_catches_a_fault(fresh, monkeypa
     assert failure.startswith("self-check: the triton backend on cpu (") and "fp32" not in failure
     assert "float32, N 8, multi+index+D+z+bias+softplus) is off by 1.0e-02 (" in failure, failure
     assert selfcheck.settle("triton", False, failure) == "torch"
+
+
+def test_a_gpu_older_than_the_kernels_gets_torch_with_one_line(monkeypatch, caplog):
+    """Compute capability 7.5 (no GPU here: the device queries answer as a T4 would): "auto" takes torch and
+    says why once; 'triton' named explicitly is refused naming the GPU and its capability."""
+    import importlib
+
+    ss = importlib.import_module("nas.ops.selective_scan")  # the module: nas.ops exports the function by its name
+    monkeypatch.setattr(ss, "_warned_gpus", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_backend("auto", gpu) == "torch"
+        assert resolve_backend("auto", gpu) == "torch"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == ["the Triton kernels need a GPU of compute capability 8.0 or newer; Tesla T4 on cuda:0 is 7.5; "
+                     "using the torch backend"], lines
+    with pytest.raises(ValueError, match=r"^backend: the Triton kernels need .* Tesla T4 on cuda:0 is 7\.5; use"):
+        resolve_backend("triton", gpu)
