@@ -18,11 +18,13 @@ summed over the 16 channels of each half (4 shuffle levels) and added by one rel
 (a plain store of the two halves' sum when one tile covers the group). One warp per program keeps
 every sum inside a warp (no barriers).
 
-The forward saves the fp32 state every T steps. The backward walks those chunks in reverse: it
-recomputes a chunk's states from its checkpoint into registers ([T, NP, KC, CL], each step picked out
-by a constant mask that the compiler folds away), then runs the adjoint backwards through them. So each
-exponential is taken once forward and twice backward. A, D and delta_bias gradients are per-batch
-partials summed on the host.
+The forward saves the fp32 state every T steps, each state's tile of channels contiguous (coalesced). The
+backward walks those chunks in reverse: it recomputes the chunk from its checkpoint, keeping the states
+after its first T - 1 steps in registers (a tuple) and each step's delta, then runs the adjoint backwards
+through them (the last step's state is made once more there, and the checkpoint read again for the first,
+to hold fewer registers). So each exponential is taken once forward and twice backward. B_t and C_t are
+read without the step's mask (a pad reads position 0 and only meets zeros), which saves a register move
+per value. A, D and delta_bias gradients are per-batch partials summed on the host.
 
 Outputs (y, du, ddelta, dz, dB, dC) are allocated token-major (channels fastest), so a step's stores
 from a tile are contiguous; they are returned as views in the documented shapes. Exponentials use exp2
@@ -44,47 +46,74 @@ from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(1.0 / LOG2E)
 _SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
-# Sizes never key the compile cache, nor does `one` (always 1): offsets along the states are multiplied by
-# it, so that the compiler does not see them contiguous and lay those loads and stores out its own way (4
-# states a thread across 4 lanes), which would cost a trip through shared memory at every checkpoint to and
-# from the tile's layout (the states in a thread, channels across the lanes). Strides key it only by being
-# 1 (a unit stride saves a multiply), never by their alignment, so a new length or batch reuses the kernel.
+# Sizes never key the compile cache, nor does `one` (always 1): channel offsets are multiplied by it, so
+# that the compiler sees no contiguity in per-channel and per-state loads and stores and keeps them in the
+# tile's own layout (states in each thread, channels across the lanes). Seeing contiguity, it lays such an
+# access out its own way (Triton 3.6 even puts the states across the lanes), and every one then costs a
+# trip through shared memory and, in 3.6, spills. Strides key it only by being 1 (a unit stride saves a
+# multiply), never by their alignment, so a new length or batch reuses the kernel.
 _SIZES = ["G", "Dg", "S", "L", "n_chunks", "one"]
 _STRIDES = ["su_b", "su_g", "su_d", "su_l", "sdt_b", "sdt_g", "sdt_d", "sdt_l", "sz_b", "sz_g", "sz_d", "sz_l",
             "sB_b", "sB_g", "sB_n", "sB_l", "sC_b", "sC_g", "sC_n", "sC_l", "sdy_b", "sdy_g", "sdy_d", "sdy_l"]
 
 
 @triton.jit
+def _load_states(ptr, offs, step, mask, N: tl.constexpr, NP: tl.constexpr):
+    """A [NP, KC, CL] tile of per-state values, state j at ptr + offs + j * step (offs [1, KC, CL]), read as one
+    [1, KC, CL] load per state: such loads keep the tile's layout (states in each thread), where a single
+    [NP, KC, CL] load may be laid out the compiler's way and cost a trip through shared memory. Picking a
+    state by its constant index folds away. States past N are 0."""
+    rows = tl.arange(0, NP)[:, None, None]
+    out = tl.zeros([NP, 1, 1], dtype=tl.float32) + tl.load(ptr + offs, mask=mask, other=0.0)
+    for j in tl.static_range(1, N):
+        out = tl.where(rows == j, tl.load(ptr + offs + j * step, mask=mask, other=0.0), out)
+    return tl.where(rows < N, out, 0.0)
+
+
+@triton.jit
+def _store_states(ptr, offs, step, mask, val, N: tl.constexpr, NP: tl.constexpr):
+    """The inverse of _load_states: state j of `val` [NP, KC, CL] to ptr + offs + j * step, for j < N."""
+    rows = tl.arange(0, NP)[:, None, None]
+    for j in tl.static_range(N):
+        # -0.0: the identity of +, so that the sum over the other (constant, masked) states folds away
+        tl.store(ptr + offs + j * step, tl.sum(tl.where(rows == j, val, -0.0), axis=0, keep_dims=True), mask=mask)
+
+
+@triton.jit
 def _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr,
           HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """This program's (batch, group) and its channel tile: d [1, KC, CL] (channel within the group), n
-    [NP, 1, 1] (times `one`: see _SIZES), their masks, and the tile's A * log2(e) [NP, KC, CL], D and bias
-    [1, KC, CL]."""
+    """This program's (batch, group) and its channel tile: d [1, KC, CL] (channel within the group, times
+    `one`: see _SIZES), its mask, ch (channel within the layer), the tile's A * log2(e) [NP, KC, CL], D and
+    bias [1, KC, CL]."""
     bg = tl.program_id(0)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
     d = tl.program_id(1) * (KC * CL) + tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]
-    n = tl.arange(0, NP)[:, None, None]
     mask_d = d < Dg
-    mask_n = n < N
-    n = n * one
+    d = d * one
     ch = g * Dg + d
-    A2 = tl.load(A2_ptr + ch * N + n, mask=mask_d & mask_n, other=0.0)
+    A2 = _load_states(A2_ptr, ch * N, 1, mask_d, N, NP)
     Dv = tl.zeros([1, KC, CL], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(Dv_ptr + ch, mask=mask_d, other=0.0)
     bias = tl.zeros([1, KC, CL], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0)
-    return b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias
+    return b, g, d, mask_d, ch, A2, Dv, bias
 
 
 @triton.jit
-def _step_inputs(s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
-                 SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr):
-    """Scan step s: its source position (clamped to 0 on a pad), the channel and state masks of a token step
-    (all false on a pad), whether it is inside the sequence, u and delta [1, KC, CL] (delta biased,
-    softplus'd; 0 past the end, so the state is left alone there), delta before softplus, and B_t [NP, 1, 1]."""
+def _softplus(x):
+    """softplus with mamba's threshold, in a form that cannot overflow; exp2 and log2 are one hardware
+    instruction each (ex2/lg2.approx), where tl.log is a polynomial of some 20 instructions."""
+    return tl.where(x <= _SOFTPLUS_THRESHOLD,
+                    tl.maximum(x, 0.0) + _LN2 * tl.log2(1.0 + tl.exp2(-tl.abs(x) * _LOG2E)), x)
+
+
+@triton.jit
+def _position(s, S, g, idx_ptr, mask_d, HAS_INDEX: tl.constexpr):
+    """Scan step s: its source position p (clamped to 0 on a pad), whether it is a token (not a pad, not past
+    the end), whether it is inside the sequence, and the channel mask of a token step."""
     in_seq = s < S
     if HAS_INDEX:
         pos = tl.load(idx_ptr + g * S + s, mask=in_seq, other=-1)
@@ -92,20 +121,31 @@ def _step_inputs(s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, m
         pos = tl.where(in_seq, s, -1)
     ok = pos >= 0
     # where, not &: the interpreter cannot `and` a tensor with a scalar
-    m_d = tl.where(ok, mask_d, False)
-    m_n = tl.where(ok, mask_n, False)
-    p = tl.maximum(pos, 0).to(tl.int64)
-    u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
-    dt_raw = tl.load(dt_base + p * sdt_l, mask=m_d, other=0.0).to(tl.float32) + bias
+    return tl.maximum(pos, 0).to(tl.int64), ok, in_seq, tl.where(ok, mask_d, False)
+
+
+@triton.jit
+def _delta(dt_base, p, sdt_l, m_d, bias, in_seq, SOFTPLUS: tl.constexpr):
+    """delta at source position p, biased and softplus'd (0 past the end, so the state is left alone there),
+    and d delta / d (delta before softplus): sigmoid, taken as exp(x - softplus(x)), which is exact at both
+    ends and 1 above the threshold."""
+    x = tl.load(dt_base + p * sdt_l, mask=m_d, other=0.0).to(tl.float32) + bias
     if SOFTPLUS:
-        # softplus with mamba's threshold, in a form that cannot overflow
-        dt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD,
-                      tl.maximum(dt_raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt_raw))), dt_raw)
+        dt = _softplus(x)
+        dsp = tl.exp2((x - dt) * _LOG2E)
     else:
-        dt = dt_raw
-    dt = tl.where(in_seq, dt, 0.0)
-    Bt = tl.load(B_base + p * sB_l, mask=m_n, other=0.0).to(tl.float32)
-    return p, m_d, m_n, in_seq, u, dt_raw, dt, Bt
+        dt = x
+        dsp = tl.full(x.shape, 1.0, tl.float32)
+    return tl.where(in_seq, dt, 0.0), dsp
+
+
+@triton.jit
+def _state_row(base, p, s_l, NP: tl.constexpr, N: tl.constexpr):
+    """B_t or C_t [NP, 1, 1] at source position p, fp32. Loaded without the step's mask: a pad reads
+    position 0, which is harmless because a pad's u (and dy) read as 0, so its row only ever meets zeros.
+    Only the states past N are masked, a mask the compiler knows per register."""
+    nn = tl.arange(0, NP)[:, None, None]
+    return tl.load(base + p * s_l, mask=nn < N, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=_STRIDES)
@@ -117,9 +157,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr):
-    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, KC, CL, NP) fp32; last (batch, G * Dg, N)."""
-    b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
-                                                          HAS_D, HAS_BIAS)
+    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, NP, KC, CL) fp32; last (batch, G * Dg, N)."""
+    b, g, d, mask_d, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL, HAS_D, HAS_BIAS)
     u_base = u_ptr + b * su_b + g * su_g + d * su_d
     dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
     z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
@@ -127,17 +166,17 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
     C_base = C_ptr + b * sC_b + g * sC_g + tl.arange(0, NP)[:, None, None] * sC_n
     y_base = y_ptr + (b * G + g) * L * Dg + d
     tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
-    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * NP + n
+    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
     h = tl.zeros([NP, KC, CL], dtype=tl.float32)
     for c in range(0, n_chunks):
         if SAVE_CKPT:
-            tl.store(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs, h)
+            _store_states(ckpt_ptr + (tile * n_chunks + c) * (NP * KC * CL), ck_offs, KC * CL, True, h, N, NP)
         for t in tl.static_range(T):
-            s = c * T + t
-            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
-                s, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
-                SOFTPLUS, HAS_INDEX)
-            Ct = tl.load(C_base + p * sC_l, mask=m_n, other=0.0).to(tl.float32)
+            p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
+            u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
+            dt, dsp = _delta(dt_base, p, sdt_l, m_d, bias, in_seq, SOFTPLUS)
+            Bt = _state_row(B_base, p, sB_l, NP, N)
+            Ct = _state_row(C_base, p, sC_l, NP, N)
             h = tl.exp2(dt * A2) * h + (dt * u) * Bt
             y = tl.sum(h * Ct, axis=0, keep_dims=True)
             if HAS_D:
@@ -146,7 +185,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                 zv = tl.load(z_base + p * sz_l, mask=m_d, other=0.0).to(tl.float32)
                 y *= zv * tl.sigmoid(zv)
             tl.store(y_base + p * Dg, y, mask=m_d)
-    tl.store(last_ptr + (b * G * Dg + ch) * N + n, h, mask=mask_d & mask_n)
+    _store_states(last_ptr, (b * G * Dg + ch) * N, 1, mask_d, h, N, NP)
 
 
 @triton.jit
@@ -170,8 +209,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
                      ATOMIC_BC: tl.constexpr):
     """du/ddt/dz (batch, G, L, Dg) contiguous; dB/dC (batch, G, L, N) fp32 contiguous; dA (batch, G * Dg, N),
     dD/dbias (batch, G * Dg) per-batch partials."""
-    b, g, d, n, mask_d, mask_n, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL,
-                                                          HAS_D, HAS_BIAS)
+    b, g, d, mask_d, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL, HAS_D, HAS_BIAS)
     u_base = u_ptr + b * su_b + g * su_g + d * su_d
     dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
     z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
@@ -181,42 +219,53 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
     out_base = (b * G + g) * L * Dg + d  # du, ddt, dz
     bc_base = (b * G + g) * L * N + tl.arange(0, NP)[:, None, None] + 0 * tl.arange(0, KC)[None, :, None]  # dB, dC
     tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
-    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * NP + n
-    steps = tl.arange(0, T)[:, None, None, None]
+    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
+    bc_mask = tl.arange(0, NP)[:, None, None] < N
     # dL/dh after the last step, carried backwards as exp(delta_{t+1} A) dL/dh_{t+1}
     carry = tl.zeros([NP, KC, CL], dtype=tl.float32)
     if HAS_DLAST:
-        carry = tl.load(dlast_ptr + (b * G * Dg + ch) * N + n, mask=mask_d & mask_n, other=0.0)
+        carry = _load_states(dlast_ptr, (b * G * Dg + ch) * N, 1, mask_d, N, NP)
     dA_acc = tl.zeros([NP, KC, CL], dtype=tl.float32)
     dD_acc = tl.zeros([1, KC, CL], dtype=tl.float32)
     dbias_acc = tl.zeros([1, KC, CL], dtype=tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        # the chunk forward again from its checkpoint, keeping the state before each step
-        h = tl.load(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs)
-        H = tl.zeros([T, NP, KC, CL], dtype=tl.float32)
+        ck = ckpt_ptr + (tile * n_chunks + c) * (NP * KC * CL)
+        # the chunk forward again from its checkpoint, keeping each step's inputs and the state after it
+        h = _load_states(ck, ck_offs, KC * CL, True, N, NP)
+        hs = ()
+        dts = ()
         for t in tl.static_range(T):
-            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
-                c * T + t, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
-                SOFTPLUS, HAS_INDEX)
-            if t > 0:
-                H = tl.where(steps == t, h[None, :, :, :], H)
-            h = tl.exp2(dt * A2) * h + (dt * u) * Bt
+            p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
+            dt, _ = _delta(dt_base, p, sdt_l, m_d, bias, in_seq, SOFTPLUS)
+            dts = dts + (dt,)
+            if t < T - 1:  # the last step's state is made again in the adjoint, to keep fewer in registers
+                u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
+                h = tl.exp2(dt * A2) * h + (dt * u) * _state_row(B_base, p, sB_l, NP, N)
+                hs = hs + (h,)
         # the adjoint backwards through the chunk
-        for k in tl.static_range(T):
-            t = T - 1 - k
-            p, m_d, m_n, in_seq, u, dt_raw, dt, Bt = _step_inputs(
-                c * T + t, S, g, idx_ptr, u_base, dt_base, B_base, su_l, sdt_l, sB_l, mask_d, mask_n, bias,
-                SOFTPLUS, HAS_INDEX)
-            Ct = tl.load(C_base + p * sC_l, mask=m_n, other=0.0).to(tl.float32)
+        for t in tl.static_range(T - 1, -1, -1):
+            p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
+            m_n = tl.where(ok, bc_mask, False)
+            u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
+            dt = dts[t]
+            dsp = 1.0
+            if SOFTPLUS:  # d softplus(x) / dx = exp(x - softplus(x)), x read again (cheaper than holding it)
+                x = tl.load(dt_base + p * sdt_l, mask=m_d, other=0.0).to(tl.float32) + bias
+                dsp = tl.exp2((x - dt) * _LOG2E)  # dt = x above the threshold: 1
+            Bt = _state_row(B_base, p, sB_l, NP, N)
+            Ct = _state_row(C_base, p, sC_l, NP, N)
             gy = tl.load(dy_base + p * sdy_l, mask=m_d, other=0.0).to(tl.float32)
-            if t == 0:  # the checkpoint (not kept in H: T - 1 states in registers)
-                h0 = tl.load(ckpt_ptr + (tile * n_chunks + c) * (KC * NP * CL) + ck_offs)
-            else:  # -0.0 so that the sum over the other (constant, masked) steps folds away
-                h0 = tl.sum(tl.where(steps == t, H, -0.0), axis=0)
+            if t == 0:  # the checkpoint again, not held through the chunk
+                h0 = _load_states(ck, ck_offs, KC * CL, True, N, NP)
+            else:
+                h0 = hs[t - 1]
             da = tl.exp2(dt * A2)
             dtu = dt * u
-            h1 = da * h0 + dtu * Bt
+            if t == T - 1:
+                h1 = da * h0 + dtu * Bt
+            else:
+                h1 = hs[t]
             if HAS_Z:
                 zv = tl.load(z_base + p * sz_l, mask=m_d, other=0.0).to(tl.float32)
                 sg = tl.sigmoid(zv)
@@ -233,19 +282,17 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
             gh = carry + gy * Ct  # dL/dh_t
             dB = tl.sum(gh * dtu, axis=2, keep_dims=True)
             _store_bc(dB_ptr + bc_base + p * N, dB, m_n, ATOMIC_BC)
-            q = gh * da * h0  # dL/d(delta_t A)
-            dA_acc += q * dt
             carry = da * gh
+            q = carry * h0  # dL/d(delta_t A)
+            dA_acc += q * dt
             g_dtx = tl.sum(gh * Bt, axis=0, keep_dims=True)
-            ddt = g_dtx * u + tl.sum(q * A2, axis=0, keep_dims=True) * _LN2
-            if SOFTPLUS:
-                ddt = tl.where(dt_raw <= _SOFTPLUS_THRESHOLD, ddt * tl.sigmoid(dt_raw), ddt)
+            ddt = (g_dtx * u + tl.sum(q * A2, axis=0, keep_dims=True) * _LN2) * dsp
             ddt = tl.where(in_seq, ddt, 0.0)  # the steps past the end (pads inside count: they decay)
             dbias_acc += ddt
             tl.store(du_ptr + out_base + p * Dg, g_dtx * dt + gy * Dv, mask=m_d)
             tl.store(ddt_ptr + out_base + p * Dg, ddt, mask=m_d)
     part = b * (G * Dg) + ch  # per-batch partials, summed on the host
-    tl.store(dA_ptr + part * N + n, dA_acc, mask=mask_d & mask_n)
+    _store_states(dA_ptr, part * N, 1, mask_d, dA_acc, N, NP)
     if HAS_D:
         tl.store(dD_ptr + part, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -263,8 +310,8 @@ def _tile_shape(block_d: int, NP: int) -> tuple[int, int]:
 def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
     """(BLOCK_D, T): channels per program (one warp) and steps per checkpoint, from the shape alone (no
     autotuning, so a new length or batch never compiles again). Up to 16 states a thread (up to 4 channels a
-    thread at N < 4), and T = 4 (2 past N = 16): at d_state 16 the backward then compiles for sm_90 in 255
-    registers without spilling, where T = 8 spills inside the time loop (benchmarks/kernel_resources.py)."""
+    thread at N < 4), and T = 4 (2 past N = 16): at d_state 16 the backward then compiles for sm_90 in 251
+    registers (254 with Triton 3.6) without spilling, where T = 8 spills (benchmarks/kernel_resources.py)."""
     NP = triton.next_power_of_2(N)
     if interpret:  # a numpy call per tensor op and program: few programs, tiles no wider than the channels
         return min(32, triton.next_power_of_2(Dg)), 4

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import triton
 
 triton_aot = pytest.importorskip("nas.ops.scan_triton_aot")
 from nas.ops import scan_triton  # noqa: E402
@@ -18,14 +17,13 @@ needs_toolchain = pytest.mark.skipif(not triton_aot.toolchain_available(),
                                      reason="triton's bundled ptxas/cuobjdump are missing")
 # the LocalVim-T search layer's launch: 8 directions in one, bf16, every option
 SEARCH_LAYER = dict(N=16, Dg=256, S=196, index=True)
-KNOWN_36 = ("known gap: Triton 3.6 (the GPU machines') compiles the backward to 255 registers plus a spill stack "
-            "(320 B at d_state 16) and 5 shuffles per (channel x step); the pinned Triton needs neither")
 
 
 def assert_fits(res):
     for kernel in ("forward", "backward"):
         usage = res[kernel]
-        assert 0 < usage["registers"] <= 255, (kernel, usage["registers"])
+        # under 255: the compiler fits the kernel, rather than stopping at the limit
+        assert 0 < usage["registers"] < 255, (kernel, usage["registers"])
         assert usage["stack_bytes"] == 0 and usage["local_bytes"] == 0, (kernel, res["config"], usage["stack_bytes"])
         assert usage["loop"]["local"] == 0, kernel
         # at most 4 warp shuffles per (channel x step): the dB/dC sums over 16 lanes, nothing else
@@ -34,7 +32,6 @@ def assert_fits(res):
 
 
 @needs_toolchain
-@pytest.mark.xfail(triton.__version__.startswith("3.6"), strict=True, raises=AssertionError, reason=KNOWN_36)
 def test_search_layer_compiles_for_sm90_within_budget():
     res = triton_aot.kernel_resources(torch.bfloat16, **SEARCH_LAYER)
     assert_fits(res)
@@ -50,7 +47,6 @@ def test_small_state_without_options_compiles_without_spills():
 
 
 @needs_toolchain
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_36)
 def test_search_layer_compiles_with_the_gpu_machines_triton():
     side = triton_aot.side_triton("3.6.0")
     if side is None:
