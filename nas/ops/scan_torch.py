@@ -61,12 +61,17 @@ SOFTPLUS_THRESHOLD = 20.0  # mamba's: softplus(x) = x above it
 LOG2E = 1.4426950408889634
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile, which cannot trace the query (it sets only speed)
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 def _chunk_len(L: int, rows: int, row: int, device: torch.device) -> int:
     """T for a tile of `rows` rows of `row` state values each."""
     if CHUNK:
         T = CHUNK
     elif device.type == "cpu":
-        T = max(4, min(64, CHUNK_ELEMS * torch.get_num_threads() // (rows * row)))
+        T = max(4, min(64, CHUNK_ELEMS * _threads() // (rows * row)))
     else:
         T = max(4, math.isqrt(L), min(64, CHUNK_ELEMS // max(1, rows * row)))
     return max(1, min(T, L))
@@ -234,7 +239,7 @@ def _plan(L, batch, G, N, dg, device=torch.device("cpu")):
     contiguous block per time step). On CPU a tile's state holds about TILE_ELEMS values per thread
     (PyTorch splits an elementwise op of n values over min(threads, n / 32768) threads); a GPU runs
     the whole state as one tile."""
-    fit = max(1, TILE_ELEMS * torch.get_num_threads() // (N * dg)) if device.type == "cpu" else batch * G
+    fit = max(1, TILE_ELEMS * _threads() // (N * dg)) if device.type == "cpu" else batch * G
     R = min(TILE_ROWS or fit, batch * G)
     if R >= G:
         tiles = [(bs, slice(0, G)) for bs in _split(batch, R // G)]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from nas.models import list_models
+from nas.ops import cpu_kernels
+from nas.ops.selective_scan import resolve_backend
 from nas.models.registry import model_spec
 from tests.models.models_testing import small_model
 
@@ -60,3 +62,28 @@ def test_aot_autograd_traces_the_registered_ops_forward_and_backward(name):
 
 def test_inductor_gives_the_eager_numbers():
     assert_same(tiny_model("local_vim_demo_search"), "inductor")
+
+
+def autograd_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [f for f, _ in node.next_functions]
+    return {node.name() for node in seen}
+
+
+def test_without_a_compiler_the_pytorch_scan_and_conv_are_one_graph(monkeypatch):
+    """Where no C compiler is, 'auto' runs the PyTorch scan (``scan_torch``) and PyTorch's conv: that path
+    compiles as one graph too, through AOTAutograd (its hand-written backward traced). One family: the other
+    reaches the same scan through the same call. Directions without pads keep the sequence short (6 tokens):
+    the scan's loops over time steps are unrolled into the graph."""
+    monkeypatch.setattr(cpu_kernels, "library", lambda: (None, "no C compiler (test)"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    model = small_model("local_vim_demo", num_classes=5, drop_path_rate=0.0, img_size=(12, 8), patch_size=4,
+                        embed_dim=16, depth=1, directions=[["h", "h_flip", "v", "v_flip"]])
+    nodes = autograd_nodes(model(torch.randn(1, 3, *model.config["img_size"])))
+    assert "SelectiveScanFnBackward" in nodes and not any("nas_" in n for n in nodes), nodes
+    assert_same(model, "aot_eager")
