@@ -2,15 +2,16 @@
 break), forward and backward, the same logits and gradients as eager. Tiny variants of each (one or two layers,
 narrow widths, a non-square odd grid), so that compiling stays cheap on 2 cores: every model captured by Dynamo
 (what breaks a graph shows there), one model of each family through AOTAutograd (the operators' fake
-implementations and registered autograd), and one through Inductor, the compiler users run. fp32 tolerances: rtol 1e-4, atol 1e-5
+implementations and registered autograd), and one through Inductor, the compiler users run; and the PyTorch
+scan and conv that run where no C compiler is, through AOTAutograd. fp32 tolerances: rtol 1e-4, atol 1e-5
 (Inductor fuses and reorders the elementwise math)."""
 import pytest
 import torch
 
 from nas.models import list_models
+from nas.models.registry import model_spec
 from nas.ops import cpu_kernels
 from nas.ops.selective_scan import resolve_backend
-from nas.models.registry import model_spec
 from tests.models.models_testing import small_model
 
 
