@@ -140,12 +140,25 @@ def _delta(dt_base, p, sdt_l, m_d, bias, in_seq, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _state_row(base, p, s_l, NP: tl.constexpr, N: tl.constexpr):
-    """B_t or C_t [NP, 1, 1] at source position p, fp32. Loaded without the step's mask: a pad reads
-    position 0, which is harmless because a pad's u (and dy) read as 0, so its row only ever meets zeros.
-    Only the states past N are masked, a mask the compiler knows per register."""
-    nn = tl.arange(0, NP)[:, None, None]
-    return tl.load(base + p * s_l, mask=nn < N, other=0.0).to(tl.float32)
+def _state_row(base, p, s_l, rows, N: tl.constexpr, PAIRS: tl.constexpr):
+    """B_t or C_t [NP, 1, 1] at source position p, fp32. Read without the step's mask: a pad reads position 0,
+    which is harmless because a pad's u (and dy) read as 0, so its row only ever meets zeros. Only the states
+    past N are masked, which the compiler knows per register. PAIRS: bf16 with unit state stride, `base` an
+    int32 pointer: a load brings states 2j and 2j + 1, each widened to fp32 by one integer op."""
+    if PAIRS:
+        w = tl.load(base + p * (s_l // 2), mask=rows < N, other=0)
+        return tl.where(rows % 2 == 0, w << 16, w & -65536).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(base + p * s_l, mask=rows < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_base(ptr, b, g, s_b, s_g, s_n, rows, PAIRS: tl.constexpr):
+    """The [NP, 1, 1] pointers of a B or C row of (batch b, group g) at position 0 (see _state_row)."""
+    if PAIRS:
+        return ptr.to(tl.pointer_type(tl.int32)) + (b * s_b + g * s_g) // 2 + rows // 2
+    else:
+        return ptr + b * s_b + g * s_g + rows * s_n
 
 
 @triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=_STRIDES)
@@ -156,14 +169,15 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                      N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, SAVE_CKPT: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, BC_PAIRS: tl.constexpr, SAVE_CKPT: tl.constexpr):
     """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, NP, KC, CL) fp32; last (batch, G * Dg, N)."""
     b, g, d, mask_d, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL, HAS_D, HAS_BIAS)
     u_base = u_ptr + b * su_b + g * su_g + d * su_d
     dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
     z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
-    B_base = B_ptr + b * sB_b + g * sB_g + tl.arange(0, NP)[:, None, None] * sB_n
-    C_base = C_ptr + b * sC_b + g * sC_g + tl.arange(0, NP)[:, None, None] * sC_n
+    rows = tl.arange(0, NP)[:, None, None]
+    B_base = _row_base(B_ptr, b, g, sB_b, sB_g, sB_n, rows, BC_PAIRS)
+    C_base = _row_base(C_ptr, b, g, sC_b, sC_g, sC_n, rows, BC_PAIRS)
     y_base = y_ptr + (b * G + g) * L * Dg + d
     tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
     ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
@@ -175,8 +189,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
             p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
             u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
             dt, dsp = _delta(dt_base, p, sdt_l, m_d, bias, in_seq, SOFTPLUS)
-            Bt = _state_row(B_base, p, sB_l, NP, N)
-            Ct = _state_row(C_base, p, sC_l, NP, N)
+            Bt = _state_row(B_base, p, sB_l, rows, N, BC_PAIRS)
+            Ct = _state_row(C_base, p, sC_l, rows, N, BC_PAIRS)
             h = tl.exp2(dt * A2) * h + (dt * u) * Bt
             y = tl.sum(h * Ct, axis=0, keep_dims=True)
             if HAS_D:
@@ -205,8 +219,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
                      sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sdy_b, sdy_g, sdy_d, sdy_l,
                      N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_DLAST: tl.constexpr,
-                     ATOMIC_BC: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, BC_PAIRS: tl.constexpr,
+                     HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr):
     """du/ddt/dz (batch, G, L, Dg) contiguous; dB/dC (batch, G, L, N) fp32 contiguous; dA (batch, G * Dg, N),
     dD/dbias (batch, G * Dg) per-batch partials."""
     b, g, d, mask_d, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL, HAS_D, HAS_BIAS)
@@ -214,13 +228,13 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
     dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
     z_base = z_ptr + b * sz_b + g * sz_g + d * sz_d
     dy_base = dy_ptr + b * sdy_b + g * sdy_g + d * sdy_d
-    B_base = B_ptr + b * sB_b + g * sB_g + tl.arange(0, NP)[:, None, None] * sB_n
-    C_base = C_ptr + b * sC_b + g * sC_g + tl.arange(0, NP)[:, None, None] * sC_n
+    rows = tl.arange(0, NP)[:, None, None]
+    B_base = _row_base(B_ptr, b, g, sB_b, sB_g, sB_n, rows, BC_PAIRS)
+    C_base = _row_base(C_ptr, b, g, sC_b, sC_g, sC_n, rows, BC_PAIRS)
     out_base = (b * G + g) * L * Dg + d  # du, ddt, dz
     bc_base = (b * G + g) * L * N + tl.arange(0, NP)[:, None, None] + 0 * tl.arange(0, KC)[None, :, None]  # dB, dC
     tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
     ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
-    bc_mask = tl.arange(0, NP)[:, None, None] < N
     # dL/dh after the last step, carried backwards as exp(delta_{t+1} A) dL/dh_{t+1}
     carry = tl.zeros([NP, KC, CL], dtype=tl.float32)
     if HAS_DLAST:
@@ -241,20 +255,20 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
             dts = dts + (dt,)
             if t < T - 1:  # the last step's state is made again in the adjoint, to keep fewer in registers
                 u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
-                h = tl.exp2(dt * A2) * h + (dt * u) * _state_row(B_base, p, sB_l, NP, N)
+                h = tl.exp2(dt * A2) * h + (dt * u) * _state_row(B_base, p, sB_l, rows, N, BC_PAIRS)
                 hs = hs + (h,)
         # the adjoint backwards through the chunk
         for t in tl.static_range(T - 1, -1, -1):
             p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
-            m_n = tl.where(ok, bc_mask, False)
+            m_n = tl.where(ok, rows < N, False)
             u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
             dt = dts[t]
             dsp = 1.0
             if SOFTPLUS:  # d softplus(x) / dx = exp(x - softplus(x)), x read again (cheaper than holding it)
                 x = tl.load(dt_base + p * sdt_l, mask=m_d, other=0.0).to(tl.float32) + bias
                 dsp = tl.exp2((x - dt) * _LOG2E)  # dt = x above the threshold: 1
-            Bt = _state_row(B_base, p, sB_l, NP, N)
-            Ct = _state_row(C_base, p, sC_l, NP, N)
+            Bt = _state_row(B_base, p, sB_l, rows, N, BC_PAIRS)
+            Ct = _state_row(C_base, p, sC_l, rows, N, BC_PAIRS)
             gy = tl.load(dy_base + p * sdy_l, mask=m_d, other=0.0).to(tl.float32)
             if t == 0:  # the checkpoint again, not held through the chunk
                 h0 = _load_states(ck, ck_offs, KC * CL, True, N, NP)
@@ -324,6 +338,14 @@ def _strides4(t):
     return [t.stride(i) for i in range(4)]
 
 
+def _bc_pairs(B, C) -> bool:
+    """Whether the kernels may read B and C (batch, G, N, L) as int32 pairs of bf16 states: bf16, N even, the
+    states contiguous, every other stride even and both tensors 4-byte aligned (the models' channel-fastest
+    B and C are)."""
+    return all(t.dtype == torch.bfloat16 and t.shape[2] % 2 == 0 and t.stride(2) == 1 and t.data_ptr() % 4 == 0
+               and all(t.stride(i) % 2 == 0 for i in (0, 1, 3)) for t in (B, C))
+
+
 def _token_major(batch, G, Dg, L, device, dtype, zero):
     """A (batch, G, Dg, L) tensor stored as (batch, G, L, Dg): a step's channels are contiguous."""
     return (torch.zeros if zero else torch.empty)((batch, G, L, Dg), device=device, dtype=dtype).transpose(2, 3)
@@ -359,7 +381,7 @@ class _TritonScan(torch.autograd.Function):
                 *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
                 N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-                SAVE_CKPT=need_grad, num_warps=1, enable_fp_fusion=True)
+                BC_PAIRS=_bc_pairs(B, C), SAVE_CKPT=need_grad, num_warps=1, enable_fp_fusion=True)
         ctx.save_for_backward(u, delta, A2, B, C, Dv32, z, bias32, index, ckpt)
         ctx.set_materialize_grads(False)  # an unused last state gives no gradient to load
         ctx.meta = (softplus, S, block_d, T, n_chunks, A.dtype, None if Dv is None else Dv.dtype,
@@ -398,7 +420,7 @@ class _TritonScan(torch.autograd.Function):
                 *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),
                 N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
                 HAS_BIAS=bias32 is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-                HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1, num_warps=1, enable_fp_fusion=True)
+                BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1, num_warps=1, enable_fp_fusion=True)
         dA = dA.sum(0).to(A_dtype)
         dD = dD.sum(0).to(D_dtype) if dD is not None else None
         dbias = dbias.sum(0).to(bias_dtype) if dbias is not None else None

@@ -181,8 +181,10 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     block_d, T = config or launch_config(Dg, N, S, interpret=False)
     NP = triton.next_power_of_2(N)
     kc, cl = _tile_shape(block_d, NP)
+    # bf16 B and C with unit state strides are read as pairs, as a launch with such tensors is (_bc_pairs)
+    pairs = io_dtype == torch.bfloat16 and N % 2 == 0 and {"sB_n", "sC_n"} <= set(unit)
     common = dict(N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=D, HAS_Z=z, HAS_BIAS=delta_bias, SOFTPLUS=softplus,
-                  HAS_INDEX=index)
+                  HAS_INDEX=index, BC_PAIRS=pairs)
     kernels = {
         "forward": (_scan_fwd_kernel, dict(common, SAVE_CKPT=True)),
         "backward": (_scan_bwd_kernel, dict(common, HAS_DLAST=dlast, ATOMIC_BC=triton.cdiv(Dg, block_d) > 1)),

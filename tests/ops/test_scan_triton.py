@@ -106,6 +106,18 @@ def test_bf16_inputs():
     assert_matches_float64(make_inputs(2, 4, 9, 4, seed=9, dtype=torch.bfloat16), ALL, True, (2, 4), torch.bfloat16)
 
 
+def test_bf16_state_pairs_from_channel_fastest_b_and_c():
+    """B and C as the models make them (states fastest in memory) are read as int32 pairs of bf16 states;
+    2 channel tiles, so dB/dC are added atomically too."""
+    from nas.ops.scan_triton import _bc_pairs
+
+    x = make_inputs(2, 6, 9, 4, seed=11, dtype=torch.bfloat16)
+    for k in ("B", "C"):
+        x[k] = x[k].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (batch, L, N) memory
+    assert _bc_pairs(x["B"].unsqueeze(1), x["C"].unsqueeze(1))
+    assert_matches_float64(x, ALL, True, (4, 4), torch.bfloat16)
+
+
 def multi_inputs(batch, K, dim, L, N, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
