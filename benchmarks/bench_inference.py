@@ -1,6 +1,7 @@
-"""Benchmark inference of derived models on CPU: eager PyTorch (the compiled CPU kernels), torch.compile
-(Inductor) and onnxruntime (the file nas.models.export_onnx writes), images/s at batch 1 and 32, fp32; and the
-form of the exported scan.
+"""Benchmark inference of derived models on CPU and the compiled training step (CPU or CUDA).
+
+Inference: eager PyTorch (the compiled CPU kernels), torch.compile (Inductor) and onnxruntime (the file
+nas.models.export_onnx writes), images/s at batch 1 and 32, fp32; and the form of the exported scan.
 
 - part "models": local_vim_tiny and local_vssm_tiny (published directions) at 224. Per model: eager images/s,
   the compile time (first call) and compiled images/s, the export time, onnxruntime's logits against PyTorch's
@@ -10,11 +11,17 @@ form of the exported scan.
   form over chunks of T steps for several T) at a LocalVim-T layer's shape (4 directions x 384 channels, 197
   tokens, N 16): export time, onnxruntime's time at batch 1 and 32, the largest error against the sequential
   reference. The exporter's form is chosen from this table.
-- part "train": one training step (forward, cross-entropy, backward, AdamW) of the demo supernet and of the demo
-  derived model at the demo's batch 64, eager and compiled: the compiled model's first step (compile time) and
-  the steady step of each.
+- part "train": one training step (forward, cross-entropy, backward, AdamW) of the demo derived model and of the
+  demo supernet at the demo's batch 64 and 28 x 28 images, eager and compiled (``torch.compile``, graph breaks
+  allowed unless ``--fullgraph``): the first step (for the compiled model, its compile time) and the best steady
+  step of each, and how many graphs and graph breaks Dynamo made (its counters, no extra tracing). One row per
+  (model, eager or compiled), written as it is measured. ``--device cuda`` (the GPU suite): the same on the GPU
+  under bf16 autocast, as the search trains there (scan backend "auto": Triton), each step timed to
+  ``torch.cuda.synchronize``, with the peak memory. ``--device interpret``: the CUDA path's code on CPU at tiny
+  sizes (depth 1, 16 x 16 images, batch 2, compiled with AOTAutograd alone: Inductor's C++ build takes minutes
+  on a small CPU), a check of this script (gpu_check.sh --device interpret runs it); its numbers measure nothing.
 
-Prints the tables and writes benchmarks/results/bench_inference_cpu.json (device, versions, rows).
+Prints the tables and writes benchmarks/results/bench_inference_<device>.json (device, versions, rows).
 """
 from __future__ import annotations
 
@@ -26,13 +33,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import Record, environment  # noqa: E402
+from nas.engine.loop import autocast  # noqa: E402
 from nas.models import create_model  # noqa: E402
 from nas.models.export_onnx import export_onnx, onnx_logits  # noqa: E402
+from nas.models.registry import model_spec  # noqa: E402
 from nas.ops.scan_chunked import selective_scan_chunked, selective_scan_recurrent  # noqa: E402
 from nas.ops.selective_scan import selective_scan_ref  # noqa: E402
 
@@ -138,44 +148,98 @@ def bench_form(chunk: int | None, reps: int, folder: str) -> dict:
     return row
 
 
-def train_step_seconds(model, batch: int, img: int, reps: int, compiled: bool) -> tuple[float, float]:
-    """(first step, best steady step) of forward + cross-entropy + backward + AdamW at random data."""
+# per device: the models (name, create_model overrides), image size, batch, autocast and compile backend
+TRAIN = {
+    "cpu": dict(models=[("local_vim_demo", {}), ("local_vim_demo_search", {})], img=28, batch=64, amp="none",
+                backend="inductor"),
+    "cuda": dict(models=[("local_vim_demo", {}), ("local_vim_demo_search", {})], img=28, batch=64, amp="bf16",
+                 backend="inductor"),
+    "interpret": dict(models=[("local_vim_demo", {"depth": 1, "embed_dim": 8,
+                                                  "directions": model_spec("local_vim_demo").default_directions()[:1]}),
+                              ("local_vim_demo_search", {"depth": 1, "embed_dim": 8})],
+                      img=16, batch=2, amp="none", backend="aot_eager"),
+}
+TENSOR_DEVICE = {"cpu": "cpu", "cuda": "cuda", "interpret": "cpu"}
+
+
+def train_row(name: str, overrides: dict, device: str, mode: str, reps: int, fullgraph: bool) -> dict:
+    """One training step's times (forward + cross-entropy + backward + AdamW at random data) of ``name``, eager or
+    compiled: the first step (the compile, for the compiled model) and the best of ``reps`` steady steps."""
+    spec, dev = TRAIN[device], torch.device(TENSOR_DEVICE[device])
+    torch.manual_seed(0)
+    model = create_model(name, img_size=spec["img"], **overrides).to(dev)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch, 3, img, img, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    run = torch.compile(model) if compiled else model
+    x = torch.randn(spec["batch"], 3, spec["img"], spec["img"], generator=g).to(dev)
+    y = torch.randint(0, model.num_classes, (spec["batch"],), generator=g).to(dev)
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(model, backend=spec["backend"], fullgraph=fullgraph) if mode == "compiled" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(run(x), y).backward()
+        with autocast(spec["amp"], dev):
+            loss = torch.nn.functional.cross_entropy(run(x), y)
+        loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     t0 = time.perf_counter()
     step()
-    first = time.perf_counter() - t0
-    return first, best_seconds(step, reps)
-
-
-def bench_train(name: str, reps: int) -> dict:
-    row = {"model": name, "batch": 64}
-    for mode in ("eager", "compiled"):
-        torch.manual_seed(0)
-        first, steady = train_step_seconds(create_model(name), 64, 28, reps, mode == "compiled")
-        row[f"{mode}_first_step_s"], row[f"{mode}_step_s"] = first, steady
+    row = {"model": name, "mode": mode, "batch": spec["batch"], "img_size": spec["img"], "amp": spec["amp"],
+           "first_step_s": time.perf_counter() - t0, "step_s": best_seconds(step, reps)}
+    if mode == "compiled":
+        breaks = counters["graph_break"]
+        row.update(compile_backend=spec["backend"], fullgraph=fullgraph, graphs=counters["stats"]["unique_graphs"],
+                   graph_breaks=sum(breaks.values()), graph_break_reasons=[r.splitlines()[0] for r in list(breaks)[:3]])
+    if dev.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return row
+
+
+def bench_train(device: str, reps: int, fullgraph: bool, record: Record) -> None:
+    spec = TRAIN[device]
+    print(f"\ntraining step at batch {spec['batch']} ({spec['img']} x {spec['img']} images, amp {spec['amp']}), "
+          f"seconds, {device}")
+    steps = {}
+    for name, overrides in spec["models"]:
+        for mode in ("eager", "compiled"):
+            r = record.add("train", train_row(name, overrides, device, mode, reps, fullgraph), f"train {name} {mode}")
+            steps[name, mode] = r["step_s"]
+            print(f"{name} {mode}: first step {r['first_step_s']:.3g}, steady step {r['step_s']:.3g}"
+                  + (f", {r['graphs']} graphs, {r['graph_breaks']} graph breaks" if mode == "compiled" else ""),
+                  flush=True)
+        record.update(eager_over_compiled_step={n: steps[n, "eager"] / steps[n, "compiled"] for n, _ in spec["models"]
+                                                if (n, "compiled") in steps})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="forms,models,train", help="comma-separated: forms, models, train")
+    p.add_argument("--parts", default=None, help="comma-separated: forms, models, train (default: all three on cpu, "
+                   "train elsewhere)")
+    p.add_argument("--device", choices=tuple(TRAIN), default="cpu",
+                   help="the train part's device (forms and models run on cpu); interpret: the CUDA path's code at "
+                        "tiny sizes on CPU under TRITON_INTERPRET=1 (checks this script; its numbers measure nothing)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_inference_cpu.json"))
+    p.add_argument("--fullgraph", action="store_true", help="train: compile with fullgraph=True (fail at a graph break)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_inference_<device>.json)")
     args = p.parse_args()
-    parts = args.parts.split(",")
-    record = Record(args.out, "bench_inference", "cpu", environment("cpu"), reps=args.reps)
+    parts = (args.parts or ("forms,models,train" if args.device == "cpu" else "train")).split(",")
+    if args.device != "cpu" and parts != ["train"]:
+        p.error(f"--parts: only train runs with --device {args.device} (forms and models run on cpu)")
+    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    out = args.out or ROOT / "benchmarks" / "results" / f"bench_inference_{args.device}.json"
+    record = Record(out, "bench_inference", args.device, environment(TENSOR_DEVICE[args.device]), reps=args.reps)
     forms = [f"form {c}" for c in FORMS]
     record.update(plan=(forms if "forms" in parts else []) + [m for m in MODELS if "models" in parts]
-                  + [f"train {m}" for m in ("local_vim_demo", "local_vim_demo_search") if "train" in parts])
+                  + [f"train {m} {mode}" for m, _ in TRAIN[args.device]["models"] for mode in ("eager", "compiled")
+                     if "train" in parts])
     with tempfile.TemporaryDirectory() as folder:
         if "forms" in parts:
             print("exported scan, LocalVim-T layer shape (4 x 384 channels, L 197, N 16), onnxruntime")
@@ -190,10 +254,7 @@ def main() -> None:
                 r = record.add("models", bench_model(name, args.reps, folder, record), name, partial=None)
                 print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
     if "train" in parts:
-        print("\ntraining step at batch 64 (28 x 28 demo images), seconds")
-        for name in ("local_vim_demo", "local_vim_demo_search"):
-            r = record.add("train", bench_train(name, args.reps), f"train {name}")
-            print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
+        bench_train(args.device, args.reps, args.fullgraph, record)
     record.finish()
 
 

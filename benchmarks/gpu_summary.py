@@ -11,7 +11,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-PARTS = ("triton_tests", "bench_supernet", "bench_search", "search_run", "bench_scan")
+PARTS = ("triton_tests", "bench_supernet", "bench_search", "search_run", "train_compile", "bench_scan")
+# the record each benchmark part writes: <file>_<tag>.json
+RECORDS = {"bench_supernet": "bench_supernet", "bench_search": "bench_search", "train_compile": "bench_inference_train",
+           "bench_scan": "bench_scan"}
 
 
 def read_json(path: Path):
@@ -60,6 +63,18 @@ def scan_lines(rec) -> list[str]:
     return out
 
 
+def train_lines(rec) -> list[str]:
+    """bench_inference.py's train rows: eager and compiled step, compile time, graph breaks."""
+    out = []
+    for r in rec.get("train", []):
+        line = f"{r['model']} {r['mode']}: {1e3 * r['step_s']:.1f} ms/step, first step {r['first_step_s']:.1f} s"
+        if r["mode"] == "compiled":
+            line += f", {r['graphs']} graphs, {r['graph_breaks']} graph breaks"
+        out.append(line + (f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""))
+    out += [f"{name}: eager/compiled step {ratio:.2f}x" for name, ratio in rec.get("eager_over_compiled_step", {}).items()]
+    return out
+
+
 def partial_line(rec) -> str:
     """What a record left by a benchmark stopped before its end holds, and what it lacks."""
     plan, done = rec.get("plan", []), rec.get("done", [])
@@ -86,7 +101,7 @@ def main():
     (results / f"gpu_triton_tests_{tag}.json").write_text(json.dumps({"tag": tag, "counts": tests}, indent=1))
     run = search_run(Path(args.run))
     (results / f"gpu_search_run_{tag}.json").write_text(json.dumps({"tag": tag, "run": run}, indent=1))
-    records = {name: read_json(results / f"{name}_{tag}.json") for name in ("bench_supernet", "bench_search", "bench_scan")}
+    records = {name: read_json(results / f"{file}_{tag}.json") for name, file in RECORDS.items()}
 
     lines = {"triton_tests": [] if tests is None else [
         f"{tests['tests']} tests, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped"]}
@@ -106,6 +121,7 @@ def main():
     lines["search_run"] = [] if not epoch else [
         f"epoch 1: train_loss {epoch['train_loss']:.3f}, {epoch['images_per_s']:.1f} img/s, "
         f"peak {epoch.get('peak_memory_mb', float('nan')):.0f} MB, {epoch.get('epoch_time_s', float('nan')):.1f} s"]
+    lines["train_compile"] = [] if records["train_compile"] is None else train_lines(records["train_compile"])
     lines["bench_scan"] = [] if records["bench_scan"] is None else scan_lines(records["bench_scan"])
     for name, rec in records.items():
         if rec is not None and not rec.get("complete"):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PARTS = ["triton_tests", "bench_supernet", "bench_search", "search_run", "bench_scan"]
+PARTS = ["triton_tests", "bench_supernet", "bench_search", "search_run", "train_compile", "bench_scan"]
 
 
 @pytest.mark.interpret
@@ -22,8 +22,12 @@ def test_suite_runs_under_the_interpreter(tmp_path):
     summary = json.loads((tmp_path / "gpu_check_interpret.json").read_text())
     assert list(summary["status"]) == PARTS and all(s["exit"] == 0 for s in summary["status"].values())
     assert all(summary["summary"][p] for p in PARTS)  # every part's numbers were read from its record
-    for name in ("bench_supernet", "bench_search", "bench_scan"):
+    for name in ("bench_supernet", "bench_search", "bench_scan", "bench_inference_train"):
         assert json.loads((tmp_path / f"{name}_interpret.json").read_text())["device"] == "interpret"
+    train = json.loads((tmp_path / "bench_inference_train_interpret.json").read_text())
+    assert train["complete"] and [(r["model"], r["mode"]) for r in train["train"]] == [
+        (m, mode) for m in ("local_vim_demo", "local_vim_demo_search") for mode in ("eager", "compiled")]
+    assert all(r["step_s"] > 0 and r["graphs"] >= 1 for r in train["train"] if r["mode"] == "compiled")
     counts = json.loads((tmp_path / "gpu_triton_tests_interpret.json").read_text())["counts"]
     assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0
     epoch = json.loads((tmp_path / "gpu_search_run_interpret.json").read_text())["run"]["epoch"]
@@ -38,6 +42,16 @@ def test_bad_device_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "gpu_check.sh: --device: expected cuda or interpret, got tpu"
     assert not any(tmp_path.iterdir())
+
+
+def test_wrong_number_of_limits_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_LIMITS": "100 80 70 80 150"}
+    proc = subprocess.run(["bash", str(SCRIPT), "--device", "interpret"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("gpu_check.sh: GPU_CHECK_LIMITS: expected 6 time limits in seconds (one per part), "
+                                   "got '100 80 70 80 150'")
+    assert "== triton_tests" not in proc.stdout
 
 
 @pytest.mark.interpret
