@@ -35,9 +35,14 @@ from __future__ import annotations
 
 import contextlib
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
 
 from nas.errors import UserError
 from nas.ops.scan_torch import LOG2E, SOFTPLUS_THRESHOLD
@@ -342,7 +347,8 @@ def _bc_pairs(B, C) -> bool:
     """Whether the kernels may read B and C (batch, G, N, L) as int32 pairs of bf16 states: bf16, N even, the
     states contiguous, every other stride even and both tensors 4-byte aligned (the models' channel-fastest
     B and C are)."""
-    return all(t.dtype == torch.bfloat16 and t.shape[2] % 2 == 0 and t.stride(2) == 1 and t.data_ptr() % 4 == 0
+    return all(t.dtype == torch.bfloat16 and t.shape[2] % 2 == 0 and t.stride(2) == 1
+               and t.storage_offset() % 2 == 0  # allocations are aligned: an even offset is 4-byte aligned
                and all(t.stride(i) % 2 == 0 for i in (0, 1, 3)) for t in (B, C))
 
 
@@ -351,81 +357,133 @@ def _token_major(batch, G, Dg, L, device, dtype, zero):
     return (torch.zeros if zero else torch.empty)((batch, G, L, Dg), device=device, dtype=dtype).transpose(2, 3)
 
 
-class _TritonScan(torch.autograd.Function):
-    """Grouped scan over (batch, G, Dg, L) views with an optional (G, S) index table."""
+# Under TRITON_INTERPRET=1 the kernels are Python functions that torch cannot put in a graph: the ops are then
+# opaque custom ops, whose fake implementation is their body with the launches skipped.
+_INTERPRETED = not isinstance(_scan_fwd_kernel, triton.runtime.JITFunction)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, Dv, z, delta_bias, softplus, index, S, config):
-        batch, G, Dg, L = u.shape
-        N = A.shape[1]
-        NP = triton.next_power_of_2(N)
-        block_d, T = config or launch_config(Dg, N, S, u.device.type == "cpu")
-        kc, cl = _tile_shape(block_d, NP)
-        n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, block_d)
-        A2 = (A.float() * LOG2E).contiguous()
-        Dv32 = None if Dv is None else Dv.float().contiguous()
-        bias32 = None if delta_bias is None else delta_bias.float().contiguous()
-        need_grad = any(ctx.needs_input_grad)
-        y = _token_major(batch, G, Dg, L, u.device, u.dtype, zero=index is not None)
-        ckpt = torch.empty((batch * G * tiles * n_chunks * kc * NP * cl) if need_grad else 1, device=u.device,
-                           dtype=torch.float32)
-        last = torch.empty((batch, G * Dg, N), device=u.device, dtype=torch.float32)
-        dummy = A2
-        # the launch goes to the tensors' GPU, whichever device is current
-        with torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext():
-            # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
-            _scan_fwd_kernel[(batch * G, tiles)](
-                u, delta, z if z is not None else dummy, y, A2, B, C, Dv32 if Dv32 is not None else dummy,
-                bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt, last,
-                G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
-                *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
-                N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-                BC_PAIRS=_bc_pairs(B, C), SAVE_CKPT=need_grad, num_warps=1, enable_fp_fusion=True)
-        ctx.save_for_backward(u, delta, A2, B, C, Dv32, z, bias32, index, ckpt)
-        ctx.set_materialize_grads(False)  # an unused last state gives no gradient to load
-        ctx.meta = (softplus, S, block_d, T, n_chunks, A.dtype, None if Dv is None else Dv.dtype,
-                    None if delta_bias is None else delta_bias.dtype)
-        return y, last
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A2, B, C, Dv32, z, bias32, index, ckpt = ctx.saved_tensors
-        softplus, S, block_d, T, n_chunks, A_dtype, D_dtype, bias_dtype = ctx.meta
-        batch, G, Dg, L = u.shape
-        N = A2.shape[1]
-        NP = triton.next_power_of_2(N)
-        kc, cl = _tile_shape(block_d, NP)
-        tiles = triton.cdiv(Dg, block_d)
-        dev = u.device
-        if dy is None:  # only the last state was used
-            dy = torch.zeros_like(u)
-        zero = index is not None  # positions no step visits get zero gradients
-        du = _token_major(batch, G, Dg, L, dev, u.dtype, zero)
-        ddt = _token_major(batch, G, Dg, L, dev, delta.dtype, zero)
-        dz = _token_major(batch, G, Dg, L, dev, z.dtype, zero) if z is not None else None
-        dB = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
-        dC = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
-        dA = torch.empty((batch, G * Dg, N), device=dev, dtype=torch.float32)
-        dD = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if Dv32 is not None else None
-        dbias = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if bias32 is not None else None
-        dummy = A2
-        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            _scan_bwd_kernel[(batch * G, tiles)](
-                u, delta, z if z is not None else dummy, dy, A2, B, C, Dv32 if Dv32 is not None else dummy,
-                bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt,
-                dummy if dlast is None else dlast.contiguous(), du, ddt, dz if dz is not None else dummy, dB, dC, dA,
-                dD if dD is not None else dummy, dbias if dbias is not None else dummy,
-                G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
-                *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),
-                N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
-                HAS_BIAS=bias32 is not None, SOFTPLUS=bool(softplus), HAS_INDEX=index is not None,
-                BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1, num_warps=1, enable_fp_fusion=True)
-        dA = dA.sum(0).to(A_dtype)
-        dD = dD.sum(0).to(D_dtype) if dD is not None else None
-        dbias = dbias.sum(0).to(bias_dtype) if dbias is not None else None
-        dB, dC = (t.transpose(2, 3).to(B.dtype) for t in (dB, dC))
-        return du, ddt, dA, dB, dC, dD, dz, dbias, None, None, None, None
+def _register(name: str):
+    """torch.library.triton_op(name), whose body torch.compile traces and whose launches Inductor sees; an
+    opaque custom op under the interpreter."""
+    def register(fn):
+        if not _INTERPRETED:
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch through torch.library.wrap_triton, so that torch.compile and export see the kernel (skipped
+    under fake tensors when interpreted: see _register)."""
+    if _INTERPRETED and is_fake(args[0]):
+        return
+    # the launch goes to the tensors' GPU, whichever device is current
+    with torch.cuda.device(args[0].device) if args[0].device.type == "cuda" else contextlib.nullcontext():
+        # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
+        wrap_triton(kernel)[grid](*args, **kwargs, num_warps=1, enable_fp_fusion=True)
+
+
+@_register("nas::selective_scan_triton")
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, Dv: Optional[Tensor], z: Optional[Tensor],
+              delta_bias: Optional[Tensor], softplus: bool, index: Optional[Tensor], S: int, block_d: int, T: int,
+              save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped scan over u/delta/z (batch, G, Dg, L) and B/C (batch, G, N, L) views, with an optional (G, S)
+    index table. Returns y (batch, G, Dg, L) (a view of token-major memory), the last state (batch, G * Dg, N)
+    fp32, and the fp32 checkpoints the backward reads (one element when save_ckpt is false)."""
+    batch, G, Dg, L = u.shape
+    N = A.shape[1]
+    NP = triton.next_power_of_2(N)
+    kc, cl = _tile_shape(block_d, NP)
+    n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, block_d)
+    A2 = (A.float() * LOG2E).contiguous()
+    Dv32 = None if Dv is None else Dv.float().contiguous()
+    bias32 = None if delta_bias is None else delta_bias.float().contiguous()
+    y = _token_major(batch, G, Dg, L, u.device, u.dtype, zero=index is not None)
+    ckpt = torch.empty((batch * G * tiles * n_chunks * kc * NP * cl) if save_ckpt else 1, device=u.device,
+                       dtype=torch.float32)
+    last = torch.empty((batch, G * Dg, N), device=u.device, dtype=torch.float32)
+    dummy = A2
+    _launch(_scan_fwd_kernel, (batch * G, tiles),
+            u, delta, z if z is not None else dummy, y, A2, B, C, Dv32 if Dv32 is not None else dummy,
+            bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt, last,
+            G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
+            *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
+            N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
+            BC_PAIRS=_bc_pairs(B, C), SAVE_CKPT=save_ckpt)
+    return y, last, ckpt
+
+
+@_register("nas::selective_scan_triton_backward")
+def _scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+              Dv: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
+              index: Optional[Tensor], S: int, block_d: int, T: int, ckpt: Tensor) -> list[Tensor]:
+    """Gradients of _scan_fwd's inputs: du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (an empty tensor for an
+    absent option), in the inputs' shapes and dtypes; du/ddelta/dz are views of token-major memory."""
+    batch, G, Dg, L = u.shape
+    N = A.shape[1]
+    NP = triton.next_power_of_2(N)
+    kc, cl = _tile_shape(block_d, NP)
+    n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, block_d)
+    dev = u.device
+    A2 = (A.float() * LOG2E).contiguous()
+    Dv32 = None if Dv is None else Dv.float().contiguous()
+    bias32 = None if delta_bias is None else delta_bias.float().contiguous()
+    zero = index is not None  # positions no step visits get zero gradients
+    du = _token_major(batch, G, Dg, L, dev, u.dtype, zero)
+    ddt = _token_major(batch, G, Dg, L, dev, delta.dtype, zero)
+    dz = _token_major(batch, G, Dg, L, dev, z.dtype, zero) if z is not None else None
+    dB = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
+    dC = torch.zeros((batch, G, L, N), device=dev, dtype=torch.float32)
+    dA = torch.empty((batch, G * Dg, N), device=dev, dtype=torch.float32)
+    dD = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if Dv32 is not None else None
+    dbias = torch.empty((batch, G * Dg), device=dev, dtype=torch.float32) if bias32 is not None else None
+    dummy = A2
+    _launch(_scan_bwd_kernel, (batch * G, tiles),
+            u, delta, z if z is not None else dummy, dy, A2, B, C, Dv32 if Dv32 is not None else dummy,
+            bias32 if bias32 is not None else dummy, index if index is not None else dummy, ckpt,
+            dummy if dlast is None else dlast.contiguous(), du, ddt, dz if dz is not None else dummy, dB, dC, dA,
+            dD if dD is not None else dummy, dbias if dbias is not None else dummy,
+            G, Dg, S, L, n_chunks, 1, *_strides4(u), *_strides4(delta),
+            *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),
+            N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
+            HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
+            BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1)
+    return [du, ddt, dA.sum(0).to(A.dtype), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype),
+            dD.sum(0).to(Dv.dtype) if dD is not None else A.new_empty(0), dz if dz is not None else A.new_empty(0),
+            dbias.sum(0).to(delta_bias.dtype) if dbias is not None else A.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, Dv, z, delta_bias, softplus, index, S, block_d, T, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, Dv, z, delta_bias, index, output[2])
+    ctx.meta = (softplus, S, block_d, T)
+
+
+def _backward(ctx, dy, dlast, _):
+    u, delta, A, B, C, Dv, z, delta_bias, index, ckpt = ctx.saved_tensors
+    softplus, S, block_d, T = ctx.meta
+    if dy is None:  # only the last state was used
+        dy = torch.zeros_like(u)
+    du, ddt, dA, dB, dC, dD, dz, dbias = _scan_bwd(dy, dlast, u, delta, A, B, C, Dv, z, delta_bias, softplus, index,
+                                                   S, block_d, T, ckpt)
+    return (du, ddt, dA, dB, dC, dD if Dv is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None, None, None, None, None, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _grouped_scan(u, delta, A, B, C, Dv, z, delta_bias, softplus, index, S, config):
+    """_scan_fwd at `config` (BLOCK_D, T), or the shape's launch config; checkpoints only where a gradient can
+    flow. Returns (y, last state)."""
+    block_d, T = config or launch_config(u.shape[2], A.shape[1], S, u.device.type == "cpu")
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, Dv, z, delta_bias))
+    y, last, _ = _scan_fwd(u, delta, A, B, C, Dv, z, delta_bias, bool(softplus), index, S, block_d, T, save)
+    return y, last
 
 
 def _check_n(N: int) -> None:
@@ -448,7 +506,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
     u4, dt4 = u.unflatten(1, (G, Dg)), delta.unflatten(1, (G, Dg))
     z4 = None if z is None else z.unflatten(1, (G, Dg))
-    y, last = _TritonScan.apply(u4, dt4, A, B4, C4, D, z4, delta_bias, delta_softplus, None, L, config)
+    y, last = _grouped_scan(u4, dt4, A, B4, C4, D, z4, delta_bias, delta_softplus, None, L, config)
     y = y.flatten(1, 2)
     return (y, last) if return_last_state else y
 
@@ -461,7 +519,6 @@ def multi_direction_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=No
     _check_n(A.shape[2])
     S = L if index is None else index.shape[1]
     idx = None if index is None else index.to(torch.int32).contiguous()
-    y, _ = _TritonScan.apply(u, delta, A.reshape(K * dim, -1), B, C, None if D is None else D.reshape(-1), z,
-                             None if delta_bias is None else delta_bias.reshape(-1), delta_softplus, idx, S,
-                             config)
+    y, _ = _grouped_scan(u, delta, A.reshape(K * dim, -1), B, C, None if D is None else D.reshape(-1), z,
+                         None if delta_bias is None else delta_bias.reshape(-1), delta_softplus, idx, S, config)
     return y

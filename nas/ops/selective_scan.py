@@ -180,8 +180,13 @@ def checked_backend(backend: str, requested: str, u, A, B, D, z, delta_bias, del
         return backend
     from nas.ops import selfcheck
     options = selfcheck.triton_options(B, D, z, delta_bias, delta_softplus, return_last_state, index, multi)
-    failure = selfcheck.triton_failure(u.device, u.dtype, A.shape[-1], options)
-    return selfcheck.settle("triton", requested == "triton", failure)
+    return _settled_triton(u.device, u.dtype, A.shape[-1], options, requested == "triton")
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: run once while tracing, a constant in the graph
+def _settled_triton(device: torch.device, dtype: torch.dtype, N: int, options: tuple, by_name: bool) -> str:
+    from nas.ops import selfcheck
+    return selfcheck.settle("triton", by_name, selfcheck.triton_failure(device, dtype, N, options))
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -118,6 +118,36 @@ def test_bf16_state_pairs_from_channel_fastest_b_and_c():
     assert_matches_float64(x, ALL, True, (4, 4), torch.bfloat16)
 
 
+def test_registered_ops_pass_opcheck():
+    """torch.library's checks of nas::selective_scan_triton (schema, autograd registration, fake tensors,
+    AOTAutograd with dynamic shapes): what torch.compile and torch.export rely on. On a GPU it is a triton_op
+    whose launches the trace holds; under the interpreter an opaque custom op."""
+    from nas.ops.scan_triton import _scan_fwd
+
+    x = make_inputs(1, 4, 5, 2, seed=13)
+    grouped = {k: v.unsqueeze(1) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+    args = tuple(grouped[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    torch.library.opcheck(_scan_fwd, args + (True, None, 5, 4, 4, True))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the Triton launch only on a GPU")
+def test_compiles_as_one_graph_on_the_gpu():
+    """fullgraph: the registered op's launches are in the graph (no break at the kernel); compiled forward and
+    gradients as eager."""
+    H, W, directions = 3, 5, ("h", "w7_flip", "v")
+    x = {k: v.detach().float().requires_grad_() for k, v in multi_inputs(2, 3, 8, H * W, 4, seed=17).items()}
+    index = scan_orders(directions, H, W, DEVICE)
+
+    def run(*t):
+        return multi_direction_scan(*t, True, index=index, backend="triton")
+
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    outs = [f(*(x[k] for k in names)) for f in (run, torch.compile(run, fullgraph=True))]
+    torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float32])
+    for got, want in zip(grads([outs[1]], x).values(), grads([outs[0]], x).values()):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def multi_inputs(batch, K, dim, L, N, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
