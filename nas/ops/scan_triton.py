@@ -377,12 +377,14 @@ def _register(name: str):
 def _launch(kernel, grid, *args, **kwargs):
     """Launch through torch.library.wrap_triton, so that torch.compile and export see the kernel (skipped
     under fake tensors when interpreted: see _register)."""
-    if _INTERPRETED and is_fake(args[0]):
+    traced = is_fake(args[0])
+    if _INTERPRETED and traced:
         return
+    if not traced:  # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until
+        kwargs["enable_fp_fusion"] = True  # then); a traced launch takes only the options torch knows
     # the launch goes to the tensors' GPU, whichever device is current
     with torch.cuda.device(args[0].device) if args[0].device.type == "cuda" else contextlib.nullcontext():
-        # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
-        wrap_triton(kernel)[grid](*args, **kwargs, num_warps=1, enable_fp_fusion=True)
+        wrap_triton(kernel)[grid](*args, **kwargs, num_warps=1)
 
 
 @_register("nas::selective_scan_triton")
