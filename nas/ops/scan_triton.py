@@ -108,6 +108,17 @@ def _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
+def _ckpt_offsets(Dg, one, KC: tl.constexpr, CL: tl.constexpr, CKW: tl.constexpr, NP: tl.constexpr):
+    """A checkpoint is (batch * G, n_chunks, blocks, NP, CKW) fp32: blocks of CKW channels (the backward's
+    tile), each state's block contiguous. Returns this tile's offsets [1, KC, CL] in one chunk (state 0; a
+    state is CKW further) and a chunk's size. Steps of the constant CKW let each state's access be an
+    immediate offset; the forward's tile may span several blocks."""
+    local = tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]
+    block = tl.program_id(1) * (KC * CL // CKW) + local // CKW
+    return (block * (NP * CKW) + local % CKW) * one, tl.cdiv(Dg, CKW) * (NP * CKW)
+
+
+@triton.jit
 def _softplus(x):
     """softplus with mamba's threshold, in a form that cannot overflow; exp2 and log2 are one hardware
     instruction each (ex2/lg2.approx), where tl.log is a polynomial of some 20 instructions."""
@@ -174,8 +185,10 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
                      sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                      N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr, T: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, BC_PAIRS: tl.constexpr, SAVE_CKPT: tl.constexpr):
-    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, tiles, n_chunks, NP, KC, CL) fp32; last (batch, G * Dg, N)."""
+                     SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, BC_PAIRS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+                     CKW: tl.constexpr):
+    """y (batch, G, L, Dg) contiguous; ckpt (batch * G, n_chunks, blocks, NP, CKW) fp32 (_ckpt_offsets); last
+    (batch, G * Dg, N)."""
     b, g, d, mask_d, ch, A2, Dv, bias = _tile(A2_ptr, Dv_ptr, bias_ptr, G, Dg, one, N, NP, KC, CL, HAS_D, HAS_BIAS)
     u_base = u_ptr + b * su_b + g * su_g + d * su_d
     dt_base = dt_ptr + b * sdt_b + g * sdt_g + d * sdt_d
@@ -184,12 +197,11 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
     B_base = _row_base(B_ptr, b, g, sB_b, sB_g, sB_n, rows, BC_PAIRS)
     C_base = _row_base(C_ptr, b, g, sC_b, sC_g, sC_n, rows, BC_PAIRS)
     y_base = y_ptr + (b * G + g) * L * Dg + d
-    tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
-    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
+    ck_offs, ck_chunk = _ckpt_offsets(Dg, one, KC, CL, CKW, NP)
     h = tl.zeros([NP, KC, CL], dtype=tl.float32)
     for c in range(0, n_chunks):
         if SAVE_CKPT:
-            _store_states(ckpt_ptr + (tile * n_chunks + c) * (NP * KC * CL), ck_offs, KC * CL, True, h, N, NP)
+            _store_states(ckpt_ptr + ((b * G + g) * n_chunks + c) * ck_chunk, ck_offs, CKW, mask_d, h, N, NP)
         for t in tl.static_range(T):
             p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
             u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
@@ -208,12 +220,47 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, z_ptr, y_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr, 
 
 
 @triton.jit
-def _store_bc(ptr, val, mask, ATOMIC: tl.constexpr):
-    """[NP, KC, 1] partial sums of dB_t or dC_t: added atomically, or (one tile) summed and stored."""
-    if ATOMIC:
-        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptr, tl.sum(val, axis=1, keep_dims=True), mask=mask)
+def _add_bc(row_ptr, P, ok, one, N: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, CL: tl.constexpr,
+            ATOMIC: tl.constexpr):
+    """Sum P [NP, KC, CL] (a step's terms of dB or dC, state by channel) over the tile's channels into the
+    step's row row_ptr[0:N]: added atomically where other tiles add to the same row, else stored; nothing on a
+    pad step (ok false). Masked channels contribute exact zeros.
+
+    With the states in each thread (KC * CL = 32 lanes) and NP <= CL, the sum is a reduce-scatter across the
+    CL lanes: at each lane bit k a lane keeps half its states and sends the other half to the lane that
+    differs in bit k (a warp-local tl.gather, one shuffle per value sent), so 16 states over 16 lanes take
+    8 + 4 + 2 + 1 shuffles, where a sum per state (tl.sum) takes 4 per state. Lane c ends with state c (lanes
+    past NP only add), the two KC halves add once more across, and one store per lane of half 0 leaves."""
+    if KC * CL == 32 and NP <= CL:
+        c = tl.arange(0, CL)[None, None, :]
+        v = P
+        for k in tl.static_range(4):
+            if (1 << k) < CL:
+                partner = c ^ (1 << k)
+                if (NP >> k) > 1:  # split: keep the states with bit k equal to this lane's, send the rest
+                    lo, hi = tl.split(tl.permute(tl.reshape(v, [NP >> (k + 1), 2, KC, CL]), (0, 2, 3, 1)))
+                    up = ((c >> k) & 1) == 1
+                    send = tl.where(up, lo, hi)
+                    v = tl.where(up, hi, lo) + tl.gather(send, tl.broadcast_to(partner, send.shape), axis=2)
+                else:
+                    v = v + tl.gather(v, tl.broadcast_to(partner, v.shape), axis=2)
+        kc = tl.arange(0, KC)[None, :, None]
+        if KC == 2:
+            v = v + tl.gather(v, tl.broadcast_to(kc ^ 1, v.shape), axis=1)
+        mask = tl.where(ok, (c < N) & (kc == 0), False)
+        ptr = row_ptr + (c + 0 * kc) * one  # `one`: see _SIZES
+        if ATOMIC:
+            tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
+        else:
+            tl.store(ptr, v, mask=mask)
+    else:  # a sum over the CL lanes per state, then the KC partials
+        rows = tl.arange(0, NP)[:, None, None] + 0 * tl.arange(0, KC)[None, :, None]
+        mask = tl.where(ok, rows < N, False)
+        part = tl.sum(P, axis=2, keep_dims=True)
+        if ATOMIC:
+            tl.atomic_add(row_ptr + rows, part, mask=mask, sem="relaxed")
+        else:
+            tl.store(row_ptr + rows, tl.sum(part, axis=1, keep_dims=True), mask=mask)
 
 
 @triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=_STRIDES)
@@ -237,9 +284,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
     B_base = _row_base(B_ptr, b, g, sB_b, sB_g, sB_n, rows, BC_PAIRS)
     C_base = _row_base(C_ptr, b, g, sC_b, sC_g, sC_n, rows, BC_PAIRS)
     out_base = (b * G + g) * L * Dg + d  # du, ddt, dz
-    bc_base = (b * G + g) * L * N + tl.arange(0, NP)[:, None, None] + 0 * tl.arange(0, KC)[None, :, None]  # dB, dC
-    tile = (b * G + g) * tl.num_programs(1) + tl.program_id(1)
-    ck_offs = (tl.arange(0, KC)[None, :, None] * CL + tl.arange(0, CL)[None, None, :]) * one
+    bc_base = (b * G + g) * L * N  # dB, dC rows
+    ck_offs, ck_chunk = _ckpt_offsets(Dg, one, KC, CL, KC * CL, NP)
     # dL/dh after the last step, carried backwards as exp(delta_{t+1} A) dL/dh_{t+1}
     carry = tl.zeros([NP, KC, CL], dtype=tl.float32)
     if HAS_DLAST:
@@ -249,9 +295,9 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
     dbias_acc = tl.zeros([1, KC, CL], dtype=tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        ck = ckpt_ptr + (tile * n_chunks + c) * (NP * KC * CL)
+        ck = ckpt_ptr + ((b * G + g) * n_chunks + c) * ck_chunk
         # the chunk forward again from its checkpoint, keeping each step's inputs and the state after it
-        h = _load_states(ck, ck_offs, KC * CL, True, N, NP)
+        h = _load_states(ck, ck_offs, KC * CL, mask_d, N, NP)
         hs = ()
         dts = ()
         for t in tl.static_range(T):
@@ -265,7 +311,6 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
         # the adjoint backwards through the chunk
         for t in tl.static_range(T - 1, -1, -1):
             p, ok, in_seq, m_d = _position(c * T + t, S, g, idx_ptr, mask_d, HAS_INDEX)
-            m_n = tl.where(ok, rows < N, False)
             u = tl.load(u_base + p * su_l, mask=m_d, other=0.0).to(tl.float32)
             dt = dts[t]
             dsp = 1.0
@@ -276,7 +321,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
             Ct = _state_row(C_base, p, sC_l, rows, N, BC_PAIRS)
             gy = tl.load(dy_base + p * sdy_l, mask=m_d, other=0.0).to(tl.float32)
             if t == 0:  # the checkpoint again, not held through the chunk
-                h0 = _load_states(ck, ck_offs, KC * CL, True, N, NP)
+                h0 = _load_states(ck, ck_offs, KC * CL, mask_d, N, NP)
             else:
                 h0 = hs[t - 1]
             da = tl.exp2(dt * A2)
@@ -293,14 +338,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, z_ptr, dy_ptr, A2_ptr, B_ptr, C_ptr, Dv_ptr,
                 gy = gy * zv * sg
             if HAS_D:
                 dD_acc += gy * u
-            # dB_t and dC_t as soon as their terms exist (shorter live ranges), summed over the tile's channels
-            # across the CL lanes (4 shuffle levels at CL = 16); the KC partials left are added atomically
-            # (summed here when one tile covers the group). Masked channels contribute exact zeros.
-            dC = tl.sum(h1 * gy, axis=2, keep_dims=True)
-            _store_bc(dC_ptr + bc_base + p * N, dC, m_n, ATOMIC_BC)
+            # dC_t and dB_t as soon as their terms exist (shorter live ranges)
+            _add_bc(dC_ptr + bc_base + p * N, h1 * gy, ok, one, N, NP, KC, CL, ATOMIC_BC)
             gh = carry + gy * Ct  # dL/dh_t
-            dB = tl.sum(gh * dtu, axis=2, keep_dims=True)
-            _store_bc(dB_ptr + bc_base + p * N, dB, m_n, ATOMIC_BC)
+            _add_bc(dB_ptr + bc_base + p * N, gh * dtu, ok, one, N, NP, KC, CL, ATOMIC_BC)
             carry = da * gh
             q = carry * h0  # dL/d(delta_t A)
             dA_acc += q * dt
@@ -324,6 +365,14 @@ def _tile_shape(block_d: int, NP: int) -> tuple[int, int]:
     NP / 16 lanes past NP = 16)."""
     cl = min(block_d, 16 // max(1, NP // 32))
     return block_d // cl, cl
+
+
+def forward_tile(block_d: int, NP: int) -> tuple[int, int]:
+    """(KC, CL) of the forward's tile. Where the backward's is the GPU's 2 x 16 lanes with the states in each
+    thread, the forward (which needs half the registers) gives each thread two channels across all 32 lanes:
+    a thread's B_t and C_t loads and per-channel work then serve two channels. Else the backward's."""
+    kc, cl = _tile_shape(block_d, NP)
+    return (2, 32) if (kc, cl) == (2, 16) and NP <= 16 else (kc, cl)
 
 
 def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
@@ -397,14 +446,14 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, Dv: Opt
     batch, G, Dg, L = u.shape
     N = A.shape[1]
     NP = triton.next_power_of_2(N)
-    kc, cl = _tile_shape(block_d, NP)
-    n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, block_d)
+    kc, cl = forward_tile(block_d, NP)
+    n_chunks, tiles = triton.cdiv(S, T), triton.cdiv(Dg, kc * cl)
     A2 = (A.float() * LOG2E).contiguous()
     Dv32 = None if Dv is None else Dv.float().contiguous()
     bias32 = None if delta_bias is None else delta_bias.float().contiguous()
     y = _token_major(batch, G, Dg, L, u.device, u.dtype, zero=index is not None)
-    ckpt = torch.empty((batch * G * tiles * n_chunks * kc * NP * cl) if save_ckpt else 1, device=u.device,
-                       dtype=torch.float32)
+    ckpt = torch.empty((batch * G * n_chunks * triton.cdiv(Dg, block_d) * NP * block_d) if save_ckpt else 1,
+                       device=u.device, dtype=torch.float32)
     last = torch.empty((batch, G * Dg, N), device=u.device, dtype=torch.float32)
     dummy = A2
     _launch(_scan_fwd_kernel, (batch * G, tiles),
@@ -414,7 +463,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, Dv: Opt
             *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C),
             N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
-            BC_PAIRS=_bc_pairs(B, C), SAVE_CKPT=save_ckpt)
+            BC_PAIRS=_bc_pairs(B, C), SAVE_CKPT=save_ckpt, CKW=block_d)
     return y, last, ckpt
 
 

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from nas.ops.cpu_kernels import cache_dir
-from nas.ops.scan_triton import _scan_bwd_kernel, _scan_fwd_kernel, _tile_shape, launch_config
+from nas.ops.scan_triton import _scan_bwd_kernel, _scan_fwd_kernel, _tile_shape, forward_tile, launch_config
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Pointers that carry the input/output dtype; every other pointer is fp32 (A, D, bias, checkpoints, last
@@ -173,26 +173,28 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     gradient of the last state; config: (BLOCK_D, T), default
     `launch_config`'s choice for a GPU.
     Returns {"config": [BLOCK_D, T], "forward": {...}, "backward": {...}}, each kernel with `registers`,
-    `stack_bytes`, `local_bytes`, `shared_bytes`, `ptx`, `loop` and `per_channel_step` (`loop` scaled by
-    `per_channel_step`).
+    `stack_bytes`, `local_bytes`, `shared_bytes`, `ptx`, `loop`, `channels_per_program` (the forward's tile
+    may be wider: scan_triton.forward_tile) and `per_channel_step` (`loop` per channel and step).
     """
     if io_dtype not in _TRITON_TYPES:
         raise ValueError(f"io_dtype: expected one of {sorted(map(str, _TRITON_TYPES))}, got {io_dtype}")
     block_d, T = config or launch_config(Dg, N, S, interpret=False)
     NP = triton.next_power_of_2(N)
-    kc, cl = _tile_shape(block_d, NP)
     # bf16 B and C with unit state strides are read as pairs, as a launch with such tensors is (_bc_pairs)
     pairs = io_dtype == torch.bfloat16 and N % 2 == 0 and {"sB_n", "sC_n"} <= set(unit)
-    common = dict(N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=D, HAS_Z=z, HAS_BIAS=delta_bias, SOFTPLUS=softplus,
-                  HAS_INDEX=index, BC_PAIRS=pairs)
+    common = dict(N=N, NP=NP, T=T, HAS_D=D, HAS_Z=z, HAS_BIAS=delta_bias, SOFTPLUS=softplus, HAS_INDEX=index,
+                  BC_PAIRS=pairs)
+    tiles = {"forward": forward_tile(block_d, NP), "backward": _tile_shape(block_d, NP)}
     kernels = {
-        "forward": (_scan_fwd_kernel, dict(common, SAVE_CKPT=True)),
+        "forward": (_scan_fwd_kernel, dict(common, SAVE_CKPT=True, CKW=block_d)),
         "backward": (_scan_bwd_kernel, dict(common, HAS_DLAST=dlast, ATOMIC_BC=triton.cdiv(Dg, block_d) > 1)),
     }
     out = {"config": [block_d, T]}
     for name, (fn, constexprs) in kernels.items():
-        res = compile_kernel(fn, constexprs, io_dtype, index, z, 1, arch, unit)
-        res["per_channel_step"] = per_channel_step(res["loop"], block_d, T, 1)
+        kc, cl = tiles[name]
+        res = compile_kernel(fn, dict(constexprs, KC=kc, CL=cl), io_dtype, index, z, 1, arch, unit)
+        res["channels_per_program"] = kc * cl
+        res["per_channel_step"] = per_channel_step(res["loop"], kc * cl, T, 1)
         out[name] = res
     return out
 

@@ -118,6 +118,13 @@ def test_bf16_state_pairs_from_channel_fastest_b_and_c():
     assert_matches_float64(x, ALL, True, (4, 4), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dim", [20, 40])  # one tile (dB/dC stored) and two (added atomically)
+def test_gpu_tile_at_d_state_16(dim):
+    """The GPU's tile (2 x 16 channels, 16 states in each thread) at the models' d_state: dB and dC summed by
+    the lane butterfly with every level a split one."""
+    assert_matches_float64(make_inputs(1, dim, 7, 16, seed=dim + 1), ALL, True, (32, 4))
+
+
 def test_registered_ops_pass_opcheck():
     """torch.library's checks of nas::selective_scan_triton (schema, autograd registration, fake tensors,
     AOTAutograd with dynamic shapes): what torch.compile and torch.export rely on. On a GPU it is a triton_op
