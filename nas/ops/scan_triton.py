@@ -375,6 +375,12 @@ def forward_tile(block_d: int, NP: int) -> tuple[int, int]:
     return (2, 32) if (kc, cl) == (2, 16) and NP <= 16 else (kc, cl)
 
 
+def backward_maxnreg(NP: int) -> int | None:
+    """The backward's register cap: at d_state up to 16 it fits 224 registers without spilling (the compiler
+    would take 255, leaving room for 8 warps an SM instead of 9); larger states spill already, uncapped."""
+    return 224 if NP <= 16 else None
+
+
 def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
     """(BLOCK_D, T): channels per program (one warp) and steps per checkpoint, from the shape alone (no
     autotuning, so a new length or batch never compiles again). Up to 16 states a thread (up to 4 channels a
@@ -423,14 +429,17 @@ def _register(name: str):
     return register
 
 
-def _launch(kernel, grid, *args, **kwargs):
+def _launch(kernel, grid, *args, maxnreg=None, **kwargs):
     """Launch through torch.library.wrap_triton, so that torch.compile and export see the kernel (skipped
-    under fake tensors when interpreted: see _register)."""
+    under fake tensors when interpreted: see _register). A traced launch takes only the options torch knows
+    (num_warps): FMA fusion and `maxnreg` (a register cap) apply to eager launches."""
     traced = is_fake(args[0])
     if _INTERPRETED and traced:
         return
-    if not traced:  # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until
-        kwargs["enable_fp_fusion"] = True  # then); a traced launch takes only the options torch knows
+    if not traced:  # FMA fusion stated, not left to Triton's default (which turns off in 3.10, and warns until then)
+        kwargs["enable_fp_fusion"] = True
+        if maxnreg:
+            kwargs["maxnreg"] = maxnreg
     # the launch goes to the tensors' GPU, whichever device is current
     with torch.cuda.device(args[0].device) if args[0].device.type == "cuda" else contextlib.nullcontext():
         wrap_triton(kernel)[grid](*args, **kwargs, num_warps=1)
@@ -501,7 +510,8 @@ def _scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: 
             *(_strides4(z) if z is not None else [0] * 4), *_strides4(B), *_strides4(C), *_strides4(dy),
             N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
             HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
-            BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1)
+            BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1,
+            maxnreg=backward_maxnreg(NP))
     return [du, ddt, dA.sum(0).to(A.dtype), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype),
             dD.sum(0).to(Dv.dtype) if dD is not None else A.new_empty(0), dz if dz is not None else A.new_empty(0),
             dbias.sum(0).to(delta_bias.dtype) if dbias is not None else A.new_empty(0)]

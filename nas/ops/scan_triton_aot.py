@@ -29,7 +29,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from nas.ops.cpu_kernels import cache_dir
-from nas.ops.scan_triton import _scan_bwd_kernel, _scan_fwd_kernel, _tile_shape, forward_tile, launch_config
+from nas.ops.scan_triton import (_scan_bwd_kernel, _scan_fwd_kernel, _tile_shape, backward_maxnreg, forward_tile,
+                                 launch_config)
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Pointers that carry the input/output dtype; every other pointer is fp32 (A, D, bias, checkpoints, last
@@ -143,13 +144,16 @@ def loop_counts(sass: str) -> dict:
 
 
 def compile_kernel(fn, constexprs: dict, io_dtype: torch.dtype, index: bool, z: bool, num_warps: int,
-                   arch: int = 90, unit: tuple = ()) -> dict:
-    """Compile one kernel for sm_<arch>; its registers, spill stack, local and shared memory (bytes), its
-    PTX (key `ptx`) and its time loop's instruction counts (`loop`, see `loop_counts`)."""
+                   arch: int = 90, unit: tuple = (), maxnreg: int | None = None) -> dict:
+    """Compile one kernel for sm_<arch> (maxnreg: a register cap, as the launch passes); its registers, spill
+    stack, local and shared memory (bytes), its PTX (key `ptx`) and its time loop's instruction counts (`loop`,
+    see `loop_counts`)."""
     signature, constexprs, attrs = _signature(fn, constexprs, io_dtype, index, z, unit)
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "enable_fp_fusion": True})
+                              target=GPUTarget("cuda", arch, 32), options=options)
     cubin = compiled.asm["cubin"]
     return {**_read_usage(cubin), "ptx": compiled.asm["ptx"], "loop": loop_counts(_cuobjdump(cubin, "-sass"))}
 
@@ -192,7 +196,8 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     out = {"config": [block_d, T]}
     for name, (fn, constexprs) in kernels.items():
         kc, cl = tiles[name]
-        res = compile_kernel(fn, dict(constexprs, KC=kc, CL=cl), io_dtype, index, z, 1, arch, unit)
+        res = compile_kernel(fn, dict(constexprs, KC=kc, CL=cl), io_dtype, index, z, 1, arch, unit,
+                             backward_maxnreg(NP) if name == "backward" else None)
         res["channels_per_program"] = kc * cl
         res["per_channel_step"] = per_channel_step(res["loop"], kc * cl, T, 1)
         out[name] = res
