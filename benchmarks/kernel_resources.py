@@ -14,7 +14,7 @@ Runs on any machine with the triton wheel (its bundled ptxas and cuobjdump). Two
    search layer and a LocalVMamba-T stage-1 layer (sizes from the model configs). Each estimate is the largest
    of: MUFU, FP32, SHFL and issue time of the executed loop instructions, and HBM time of the bytes the kernel
    must move (inputs read once, outputs and checkpoints written once, one fp32 atomic per dB/dC element per
-   16-channel partial); `pipes_only_ms` is the same without the issue limit. The floor is the exponentials
+   channel tile); `pipes_only_ms` is the same without the issue limit. The floor is the exponentials
    alone: one per (batch, channel, step, state) per pass, one pass forward and two backward (the recompute and
    the adjoint), at 16 per SM and clock. An estimate, never a timing: it ignores latency, occupancy, caches.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import environment  # noqa: E402
 from nas.ops import scan_triton_aot as aot  # noqa: E402
-from nas.ops.scan_triton import _tile_shape, launch_config  # noqa: E402
+from nas.ops.scan_triton import _tile_shape, forward_tile, launch_config  # noqa: E402
 
 OLD_COMMIT = "abd75f20d0dfcf75704253eaa6d01fc595cc1be0"  # the chunked associative-scan kernels
 OLD_CONFIG = (8, 16, 4)  # their launch config at d_state 16: BLOCK_D, T, num_warps
@@ -148,11 +149,15 @@ def model(kernels: dict, shapes: dict) -> dict:
             NP = triton.next_power_of_2(shape["N"])
             if kname == "old":
                 (block_d, T, _), partials = k["config"], 1
+                fwd_block = block_d
             else:
                 block_d, T = launch_config(shape["d_inner"], shape["N"], shape["L"], interpret=False)
-                partials = _tile_shape(block_d, NP)[0]  # one per 16-lane half of the warp
+                kc, cl = _tile_shape(block_d, NP)
+                # one dB/dC partial per tile where the lane butterfly adds the KC halves, else one per half
+                partials = 1 if kc * cl == 32 and NP <= cl else kc
+                fwd_block = math.prod(forward_tile(block_d, NP))
             nbytes = traffic(shape, block_d, T, NP, partials)
-            fwd = estimate(k["forward"]["per_channel_step"], shape, block_d, T, nbytes["forward"], 1)
+            fwd = estimate(k["forward"]["per_channel_step"], shape, fwd_block, T, nbytes["forward"], 1)
             bwd = estimate(k["backward"]["per_channel_step"], shape, block_d, T, nbytes["backward"], 2)
             total = {"estimate_ms": round(fwd["estimate_ms"] + bwd["estimate_ms"], 4),
                      "floor_ms": round(fwd["floor_ms"] + bwd["floor_ms"], 4),

@@ -7,24 +7,26 @@ index table that says which source position scan step s reads (-1: a pad step wh
 zero, so the state only decays there).
 
 The shape is the CPU kernel's (csrc/scan_cpu_body.h): a program is one warp that owns a tile of
-BLOCK_D channels of one (batch, group) and walks time in order, each thread keeping one channel's
-states in registers. The state tile is a [NP, KC, CL] tensor (state n, channel kc * CL + cl): Triton
-fills a tensor's lanes from its last dimension, so CL = 16 channels and the KC = 2 halves take the 32
-lanes and the states stay in each thread (at N = 32 and 64 the states take 2 and 4 lanes too; at
-N < 4 each thread takes 2 or 4 channels). A step loads u_t, delta_t, z_t for the tile and B_t, C_t
-(every thread all states' values, the same addresses across the warp), and y_t = <C_t, h_t> is a sum
-inside each thread: the forward needs no lanes at all. The backward needs them only for dB_t and dC_t,
-summed over the 16 channels of each half (4 shuffle levels) and added by one relaxed atomic per half
-(a plain store of the two halves' sum when one tile covers the group). One warp per program keeps
-every sum inside a warp (no barriers).
+channels of one (batch, group) and walks time in order, each thread keeping its channels' states in
+registers. The state tile is a [NP, KC, CL] tensor (state n, channel kc * CL + cl): Triton fills a
+tensor's lanes from its last dimension. The backward's GPU tile is CL = 16 channels by KC = 2 halves over
+the 32 lanes, a thread holding one channel's states; the forward, which needs half the registers, takes
+CL = 32 lanes by KC = 2 channels in each thread, so a thread's loads of B_t and C_t and its per-channel
+work serve two channels (at N = 32 and 64 the states take 2 and 4 lanes too; at N < 4 each thread takes 2
+or 4 channels). A step loads u_t, delta_t, z_t for the tile and B_t, C_t (every thread all states' values,
+the same addresses across the warp; bf16 with contiguous states as int32 pairs), and y_t = <C_t, h_t> is a
+sum inside each thread: the forward exchanges nothing between lanes. The backward exchanges only dB_t and
+dC_t, summed over the tile's channels by a reduce-scatter butterfly across the lanes (_add_bc), then
+added by one relaxed atomic per tile and state (a plain store when one tile covers the group). One warp
+per program keeps every exchange inside a warp.
 
-The forward saves the fp32 state every T steps, each state's tile of channels contiguous (coalesced). The
-backward walks those chunks in reverse: it recomputes the chunk from its checkpoint, keeping the states
-after its first T - 1 steps in registers (a tuple) and each step's delta, then runs the adjoint backwards
-through them (the last step's state is made once more there, and the checkpoint read again for the first,
-to hold fewer registers). So each exponential is taken once forward and twice backward. B_t and C_t are
-read without the step's mask (a pad reads position 0 and only meets zeros), which saves a register move
-per value. A, D and delta_bias gradients are per-batch partials summed on the host.
+The forward saves the fp32 state every T steps, in blocks of the backward's tile with each state's block
+contiguous (coalesced). The backward walks those chunks in reverse: it recomputes the chunk from its
+checkpoint, keeping the states after its first T - 1 steps in registers (a tuple) and each step's delta,
+then runs the adjoint backwards through them (the last step's state is made once more there, and the
+checkpoint read again for the first, to hold fewer registers). So each exponential is taken once forward
+and twice backward. B_t and C_t are read without the step's mask (a pad reads position 0 and only meets
+zeros). A, D and delta_bias gradients are per-batch partials summed on the host.
 
 Outputs (y, du, ddelta, dz, dB, dC) are allocated token-major (channels fastest), so a step's stores
 from a tile are contiguous; they are returned as views in the documented shapes. Exponentials use exp2
@@ -34,7 +36,6 @@ share one kernel); a stride of 1 does, where the layout has it.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Optional
 
 import torch
@@ -375,17 +376,21 @@ def forward_tile(block_d: int, NP: int) -> tuple[int, int]:
     return (2, 32) if (kc, cl) == (2, 16) and NP <= 16 else (kc, cl)
 
 
-def backward_maxnreg(NP: int) -> int | None:
-    """The backward's register cap: at d_state up to 16 it fits 224 registers without spilling (the compiler
-    would take 255, leaving room for 8 warps an SM instead of 9); larger states spill already, uncapped."""
-    return 224 if NP <= 16 else None
+def backward_maxnreg(NP: int, io_dtype: torch.dtype) -> int | None:
+    """The backward's register cap at d_state 9-16 (the compiler would take all 255): 224 with 16-bit inputs,
+    which leaves room for 9 warps an SM where 255 leaves 8, and 232 with fp32 inputs (224 spills there with the
+    pinned Triton), both without spilling (benchmarks/kernel_resources.py). Other sizes are left uncapped."""
+    if NP != 16:
+        return None
+    return 232 if io_dtype == torch.float32 else 224
 
 
 def launch_config(Dg: int, N: int, S: int, interpret: bool) -> tuple[int, int]:
-    """(BLOCK_D, T): channels per program (one warp) and steps per checkpoint, from the shape alone (no
-    autotuning, so a new length or batch never compiles again). Up to 16 states a thread (up to 4 channels a
-    thread at N < 4), and T = 4 (2 past N = 16): at d_state 16 the backward then compiles for sm_90 in 251
-    registers (254 with Triton 3.6) without spilling, where T = 8 spills (benchmarks/kernel_resources.py)."""
+    """(BLOCK_D, T): the backward's channels per program (one warp; the forward's tile may be wider, see
+    forward_tile) and steps per checkpoint, from the shape alone (no autotuning, so a new length or batch
+    never compiles again). Up to 16 states a thread (up to 4 channels a thread at N < 4), and T = 4 (2 past
+    N = 16): at d_state 16 the backward then compiles for sm_90 within its 224-register cap without
+    spilling, where T = 8 spills (benchmarks/kernel_resources.py)."""
     NP = triton.next_power_of_2(N)
     if interpret:  # a numpy call per tensor op and program: few programs, tiles no wider than the channels
         return min(32, triton.next_power_of_2(Dg)), 4
@@ -511,7 +516,7 @@ def _scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: 
             N=N, NP=NP, KC=kc, CL=cl, T=T, HAS_D=Dv32 is not None, HAS_Z=z is not None,
             HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
             BC_PAIRS=_bc_pairs(B, C), HAS_DLAST=dlast is not None, ATOMIC_BC=tiles > 1,
-            maxnreg=backward_maxnreg(NP))
+            maxnreg=backward_maxnreg(NP, u.dtype))
     return [du, ddt, dA.sum(0).to(A.dtype), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype),
             dD.sum(0).to(Dv.dtype) if dD is not None else A.new_empty(0), dz if dz is not None else A.new_empty(0),
             dbias.sum(0).to(delta_bias.dtype) if dbias is not None else A.new_empty(0)]

@@ -197,7 +197,7 @@ def kernel_resources(io_dtype: torch.dtype = torch.float32, N: int = 16, Dg: int
     for name, (fn, constexprs) in kernels.items():
         kc, cl = tiles[name]
         res = compile_kernel(fn, dict(constexprs, KC=kc, CL=cl), io_dtype, index, z, 1, arch, unit,
-                             backward_maxnreg(NP) if name == "backward" else None)
+                             backward_maxnreg(NP, io_dtype) if name == "backward" else None)
         res["channels_per_program"] = kc * cl
         res["per_channel_step"] = per_channel_step(res["loop"], kc * cl, T, 1)
         out[name] = res
