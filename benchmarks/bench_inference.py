@@ -6,7 +6,8 @@ nas.models.export_onnx writes), images/s at batch 1 and 32, fp32; and the form o
 - part "models": local_vim_tiny and local_vssm_tiny (published directions) at 224. Per model: eager images/s,
   the compile time (first call) and compiled images/s, the export time, onnxruntime's logits against PyTorch's
   (max abs difference, batch 2) and its images/s. Every rate is the best of ``--reps`` timed calls after one
-  warm-up call, all in this one process (compare by ratios).
+  warm-up call (compare by ratios); onnxruntime runs in a child process per batch size (``ort_child``: its peak
+  memory is recorded, and a batch the machine's memory cannot hold is recorded as an error).
 - part "forms": the exported scan alone (``nas.ops.scan_chunked``: the recurrence as an ONNX Scan, and the closed
   form over chunks of T steps for several T) at a LocalVim-T layer's shape (4 directions x 384 channels, 197
   tokens, N 16): export time, onnxruntime's time at batch 1 and 32, the largest error against the sequential
@@ -26,14 +27,27 @@ Prints the tables and writes benchmarks/results/bench_inference_<device>.json (d
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
+import re
+import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch._dynamo.utils import counters
+# compile times are those of a first compile: Inductor's on-disk caches start empty unless the caller names a
+# folder (set before torch loads, which sets the variable itself; the onnxruntime children inherit it)
+FRESH_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if FRESH_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_inference_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,10 +80,42 @@ def ort_session(path: str):
     return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def ort_rate(session, x: torch.Tensor, reps: int) -> float:
-    name = session.get_inputs()[0].name
-    feed = {name: x.numpy()}
-    return x.shape[0] / best_seconds(lambda: session.run(None, feed), reps)
+def ort_child(spec: dict) -> dict:
+    """In a child process: onnxruntime's images/s on the file ``spec["path"]`` at ``spec["batch"]`` (best of
+    ``spec["reps"]`` after a warm-up), and the process's peak memory. Its address space is capped at 80% of the
+    memory available when it starts, so that a model too large for the machine ends in onnxruntime's allocation
+    error (recorded) rather than the kernel's OOM killer, which may pick another process."""
+    import numpy as np
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+    cap = int(0.8 * available)
+    resource.setrlimit(resource.RLIMIT_AS, (used + cap, resource.RLIM_INFINITY))
+    out = {}
+    try:
+        session = ort_session(spec["path"])
+        x = np.random.default_rng(0).standard_normal((spec["batch"], 3, 224, 224), dtype=np.float32)
+        feed = {session.get_inputs()[0].name: x}
+        out["img_s"] = spec["batch"] / best_seconds(lambda: session.run(None, feed), spec["reps"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime's errors are its own exception types)
+        size = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", str(e))
+        out["error"] = (f"out of memory: onnxruntime could not allocate {int(size[1]) / 2 ** 20:.0f} MiB more within "
+                        f"{cap / 2 ** 30:.1f} GiB (80% of the memory available)" if size
+                        else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def ort_rate(path: str, batch: int, reps: int) -> dict:
+    """``ort_child`` in a fresh process: {img_s or error, peak_rss_mb}."""
+    spec = json.dumps({"path": path, "batch": batch, "reps": reps})
+    proc = subprocess.run([sys.executable, __file__, "--ort-child", spec], capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"the onnxruntime process ended with exit status {proc.returncode} {tail[0][:300]}".strip()}
 
 
 def bench_model(name: str, reps: int, folder: str, record: Record) -> dict:
@@ -93,9 +139,10 @@ def bench_model(name: str, reps: int, folder: str, record: Record) -> dict:
     note(export_s=time.perf_counter() - t0, onnx_mb=os.path.getsize(path) / 2 ** 20)
     with torch.no_grad():
         note(onnx_max_abs_diff=(onnx_logits(path, x2) - model(x2)).abs().max().item())
-    session = ort_session(path)
-    for b, x in xs.items():
-        note(**{f"onnxruntime_img_s_b{b}": ort_rate(session, x, reps)})
+    for b in xs:
+        r = ort_rate(path, b, reps)
+        note(**{f"onnxruntime_img_s_b{b}": r.get("img_s"), f"onnxruntime_peak_mb_b{b}": r.get("peak_rss_mb")},
+             **({f"onnxruntime_error_b{b}": r["error"]} if "error" in r else {}))
     with torch.no_grad():
         compiled = torch.compile(model)
         t0 = time.perf_counter()
@@ -226,7 +273,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--fullgraph", action="store_true", help="train: compile with fullgraph=True (fail at a graph break)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_inference_<device>.json)")
+    p.add_argument("--ort-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ort_child:
+        print(json.dumps(ort_child(json.loads(args.ort_child))))
+        return
     parts = (args.parts or ("forms,models,train" if args.device == "cpu" else "train")).split(",")
     if args.device != "cpu" and parts != ["train"]:
         p.error(f"--parts: only train runs with --device {args.device} (forms and models run on cpu)")
@@ -235,7 +286,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_inference_{args.device}.json"
-    record = Record(out, "bench_inference", args.device, environment(TENSOR_DEVICE[args.device]), reps=args.reps)
+    record = Record(out, "bench_inference", args.device, environment(TENSOR_DEVICE[args.device]), reps=args.reps,
+                    inductor_cache="empty at the start" if FRESH_CACHE else os.environ["TORCHINDUCTOR_CACHE_DIR"])
     forms = [f"form {c}" for c in FORMS]
     record.update(plan=(forms if "forms" in parts else []) + [m for m in MODELS if "models" in parts]
                   + [f"train {m} {mode}" for m, _ in TRAIN[args.device]["models"] for mode in ("eager", "compiled")
@@ -252,7 +304,8 @@ def main() -> None:
             print("\nimages/s at 224, fp32 (eager: the compiled CPU kernels; compiled: torch.compile; ort: onnxruntime)")
             for name in MODELS:
                 r = record.add("models", bench_model(name, args.reps, folder, record), name, partial=None)
-                print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
+                print(f"{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in r.items() if k not in ("model", "img_size")), flush=True)
     if "train" in parts:
         bench_train(args.device, args.reps, args.fullgraph, record)
     record.finish()
