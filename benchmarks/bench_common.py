@@ -6,12 +6,21 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from nas.atomic import atomic_write
+
+
+def check_interpret_env(device: str) -> None:
+    """--device interpret needs TRITON_INTERPRET=1 before triton loads: say so in one line and exit 2."""
+    if device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def current_rss_kb() -> int:

@@ -52,7 +52,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import Record, environment  # noqa: E402
+from bench_common import Record, check_interpret_env, environment  # noqa: E402
 from nas.engine.loop import autocast  # noqa: E402
 from nas.models import create_model  # noqa: E402
 from nas.models.export_onnx import export_onnx, onnx_logits  # noqa: E402
@@ -281,8 +281,7 @@ def main() -> None:
     parts = (args.parts or ("forms,models,train" if args.device == "cpu" else "train")).split(",")
     if args.device != "cpu" and parts != ["train"]:
         p.error(f"--parts: only train runs with --device {args.device} (forms and models run on cpu)")
-    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
-        p.error("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
+    check_interpret_env(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_inference_{args.device}.json"

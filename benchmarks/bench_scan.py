@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import Record, current_rss_kb, environment  # noqa: E402
+from bench_common import Record, check_interpret_env, current_rss_kb, environment  # noqa: E402
 from nas.ops import apply_scan, multi_direction_scan, scan_orders, selective_scan, undo_scan  # noqa: E402
 
 CPU_SHAPES = [(8, 256, 16, 196), (2, 384, 16, 1024)]
@@ -424,8 +424,7 @@ def main():
     if args.build_mamba_only:
         build_mamba_extension(args.mamba_src)
         return
-    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
+    check_interpret_env(args.device)
     env = environment(args.device)
     tag = env["device_name"].replace(" ", "_") if args.device == "cuda" else args.device
     record = Record(args.out or ROOT / "benchmarks" / "results" / f"bench_scan_{tag}.json", "bench_scan", args.device,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from nas.models import create_model  # noqa: E402
 from nas.search.run import SEARCH_DEFAULTS  # noqa: E402
 from nas.search.strategies import create_strategy  # noqa: E402
 
-from bench_common import Record, current_rss_kb, environment  # noqa: E402
+from bench_common import Record, check_interpret_env, current_rss_kb, environment  # noqa: E402
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -118,8 +117,7 @@ def main():
     if args.child:
         print(json.dumps(measure(args.device, args.child[0], int(args.child[1]), args.steps)))
         return 0
-    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
+    check_interpret_env(args.device)
     record = Record(args.out or ROOT / "benchmarks" / "results" / f"bench_search_{args.device}.json", "bench_search",
                     args.device, environment("cuda" if args.device == "cuda" else "cpu"), rows=[],
                     plan=["joint", "sampled"])

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -46,8 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import (Record, current_rss_kb, cpu_throughput, environment, mambapy_selective_scan,  # noqa: E402
-                          scan_floor_ms)
+from bench_common import (Record, check_interpret_env, current_rss_kb, cpu_throughput, environment,  # noqa: E402
+                          mambapy_selective_scan, scan_floor_ms)
 import nas.ops.scan_cpu as scan_cpu  # noqa: E402
 from nas.ops import cpu_kernels  # noqa: E402
 import nas.ops.scan_torch as scan_torch  # noqa: E402
@@ -330,8 +329,7 @@ def main():
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("--device interpret: set TRITON_INTERPRET=1 in the environment (it must be set before triton loads)")
+    check_interpret_env(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(TENSOR_DEVICE[args.device] if args.device != "interpret" else "cpu")
