@@ -29,8 +29,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from nas.ops.cpu_kernels import cache_dir
-from nas.ops.scan_triton import (_scan_bwd_kernel, _scan_fwd_kernel, _tile_shape, backward_maxnreg, forward_tile,
-                                 launch_config)
+from nas.ops.scan_triton import _tile_shape, backward_maxnreg, forward_tile, launch_config
+from nas.ops.scan_triton_kernels import _scan_bwd_kernel, _scan_fwd_kernel
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Pointers that carry the input/output dtype; every other pointer is fp32 (A, D, bias, checkpoints, last

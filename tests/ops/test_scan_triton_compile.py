@@ -9,7 +9,7 @@ import pytest
 import torch
 
 triton_aot = pytest.importorskip("nas.ops.scan_triton_aot")
-from nas.ops import scan_triton  # noqa: E402
+from nas.ops import scan_triton_kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="compiles real kernels, not interpreted ones")
@@ -84,7 +84,7 @@ def test_lengths_and_strides_do_not_key_the_compile_cache(name):
     """L = 196 and L = 197 (or a new batch) must reuse one compiled kernel: sizes are do_not_specialize, and
     strides keyed only by being 1 (never by their alignment), so only the constexprs (options, tile sizes, N),
     pointer types and unit strides pick a kernel."""
-    kernel = getattr(scan_triton, name)
+    kernel = getattr(scan_triton_kernels, name)
     ints = {p.name: p for p in kernel.params if not p.is_constexpr and not p.name.endswith("_ptr")}
     assert {"L", "S", "n_chunks", "G", "Dg", "su_l", "sB_l"} <= set(ints)
     sizes = [n for n in ints if not n.startswith("s") or n == "S"]
