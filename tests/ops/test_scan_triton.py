@@ -81,9 +81,10 @@ def test_single_scan_matches_float64_reference(opts, softplus, L, config):
     assert_matches_float64(make_inputs(2, 6, L, 4, seed=L), opts, softplus, config)
 
 
-def test_grouped_scan_with_odd_state_size():
+@pytest.mark.parametrize("config", [(1, 4), (32, 4)])  # one-channel tiles; the GPU tile (dB/dC by the butterfly)
+def test_grouped_scan_with_odd_state_size(config):
     x = make_inputs(2, 6, 11, 3, groups=3, seed=3)  # N = 3: not a power of two
-    assert_matches_float64(x, ALL, True, (1, 4))
+    assert_matches_float64(x, ALL, True, config)
 
 
 def test_last_state_gradient_from_a_broadcast_cotangent():
